@@ -1,0 +1,101 @@
+"""Command line: ``continual run CONFIG [key=value ...]`` and ``continual list``.
+
+Heavy libraries (torch, Avalanche, MLflow) are imported only by the commands that need them, so ``--help`` and
+``list`` answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _presets() -> List[Path]:
+    return sorted(PRESETS_DIR.rglob("*.yaml")) if PRESETS_DIR.is_dir() else []
+
+
+def _resolve_config(name: str) -> Path:
+    """A path, or the name of a preset in configs/ (with or without .yaml)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for preset in _presets():
+        if preset.stem == name or preset.relative_to(PRESETS_DIR).with_suffix("").as_posix() == name:
+            return preset
+    return path  # load_config reports the missing file
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from streams.orders import describe_streams
+    from strategies.registry import available_strategies, get_strategy_class
+
+    print("streams:")
+    for line in describe_streams():
+        print(f"  {line}")
+    print("strategies:")
+    for name in available_strategies():
+        doc = (get_strategy_class(name).__doc__ or "").strip().splitlines()
+        print(f"  {name:16s} {doc[0] if doc else ''}")
+    print("presets:")
+    for preset in _presets():
+        first = preset.read_text().splitlines()[0] if preset.read_text() else ""
+        print(f"  {preset.relative_to(PRESETS_DIR.parent)}    {first.lstrip('# ')}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from continual.config import load_config
+
+    cfg = load_config(_resolve_config(args.config), overrides=args.overrides)
+    from continual.runner import run_experiment
+
+    run_experiment(cfg)
+    return 0
+
+
+def _known_errors() -> tuple:
+    from continual.config import ConfigError
+    from continual.models.backbone import BackboneError
+
+    errors = [ConfigError, BackboneError]
+    try:
+        from streams.errors import StreamError
+
+        errors.append(StreamError)
+    except ImportError:  # pragma: no cover - the streams package always ships it
+        pass
+    if "continual.learner" in sys.modules:
+        from continual.learner import NonFiniteLossError
+
+        errors.append(NonFiniteLossError)
+    return tuple(errors)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="continual", description="Continual learning on pretrained transformers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run an experiment from a YAML preset, with key=value overrides")
+    run.add_argument("config", help="YAML file, or the name of a preset in configs/ (see `continual list`)")
+    run.add_argument("overrides", nargs="*", help="e.g. training.lr=1e-4 strategy.name=ewc stream.order=2")
+    run.set_defaults(func=cmd_run)
+    lst = sub.add_parser("list", help="list named streams, strategies and presets")
+    lst.set_defaults(func=cmd_list)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if isinstance(err, _known_errors()):
+            print(f"error: {err}", file=sys.stderr)
+            return 2 if type(err).__name__ != "NonFiniteLossError" else 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

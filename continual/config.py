@@ -1,0 +1,227 @@
+"""Typed experiment configuration (OmegaConf structured configs).
+
+A config file is plain YAML. It is merged onto the dataclass schema below, so an unknown key or a value of the
+wrong type fails at load time with the key's full path (``training.lr``), before any data or model is touched.
+The ``strategy`` node is typed by the chosen strategy's own config dataclass (see ``strategies.registry``), so a
+strategy's options are checked as strictly as the rest. Configs never execute code: the only interpolation
+resolvers are OmegaConf's built-ins (``${oc.env:VAR,default}``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config value or key is invalid; the message names the full key path."""
+
+
+@dataclass
+class StreamConfig:
+    # Named stream ("standard", "long", see `continual list`) or "custom" to use `tasks` alone.
+    name: str = "standard"
+    # Order within the named stream (standard: 1-3, long: 4-6). Ignored for "custom".
+    order: Optional[int] = None
+    # Explicit task list; overrides the named stream's order when non-empty. Entries are task folder names
+    # ("agnews"), group/task paths ("TC/agnews") or Hugging Face datasets ("hf:ag_news", "hf:glue/sst2").
+    tasks: List[str] = field(default_factory=list)
+    # Root of a CL_Benchmark-layout folder; empty means the CONTINUAL_DATA environment variable.
+    data_root: Optional[str] = None
+    # Training cap per class and test cap per task (None = everything); sampled with `seed`.
+    train_per_class: Optional[int] = None
+    test_per_task: Optional[int] = None
+    # Split used for evaluation: "test" or "dev".
+    eval_split: str = "test"
+    # Rows whose label is not in labels.json fail loading unless this is true (then they are skipped and reported).
+    skip_unknown_labels: bool = False
+    # Tokenizer truncation length.
+    max_length: int = 128
+    # Where tokenized datasets are cached (empty: $CONTINUAL_CACHE or ~/.cache/continual).
+    cache_dir: Optional[str] = None
+    seed: int = 0
+
+
+@dataclass
+class BackboneConfig:
+    # Short name ("minilm"), local folder, or Hugging Face Hub id (needs network or a filled HF cache).
+    name: str = "minilm"
+    # Build the architecture from its config with random weights (tests, from-scratch baselines).
+    random_init: bool = False
+    # Overrides applied to the backbone's config, e.g. {num_hidden_layers: 2, hidden_size: 32}.
+    config_overrides: Dict[str, Any] = field(default_factory=dict)
+    # "task": one classification head per task (task-incremental, task id used at test time);
+    # "shared": one head over the union of all labels seen so far (task-agnostic).
+    head: str = "task"
+    # Sentence representation fed to the head: "mean" over tokens, "cls" (first token) or "last" (last non-pad).
+    pooling: str = "mean"
+    # Allow custom modelling code from the Hub (off unless you ask for it).
+    trust_remote_code: bool = False
+
+
+@dataclass
+class StrategyConfig:
+    """Base of every strategy's config; each strategy subclasses it with its own options."""
+
+    # Registered strategy name (see `continual list`).
+    name: str = "full_finetune"
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = 1
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    # "adamw" or "sgd".
+    optimizer: str = "adamw"
+    # Gradient-norm clip (0 disables).
+    max_grad_norm: float = 1.0
+    # "cpu", "cuda", "cuda:0", or "auto" (cuda when available).
+    device: str = "auto"
+    # Evaluate the untrained model first (needed for FWT).
+    eval_before_training: bool = True
+    # Directory for per-task safetensors checkpoints (empty: no checkpoints).
+    checkpoint_dir: Optional[str] = None
+    progress: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    # False disables MLflow entirely.
+    enabled: bool = True
+    # Tracking URI; empty means $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory.
+    uri: Optional[str] = None
+    # Empty: derived from the stream ("standard-order1").
+    experiment: Optional[str] = None
+    # Empty: derived from strategy, backbone and seed.
+    run_name: Optional[str] = None
+    # Local folder for the run's artifacts (plots, CSV, summary) besides MLflow.
+    output_dir: str = "outputs"
+
+
+@dataclass
+class ExperimentConfig:
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 0
+
+
+_CHOICES = {
+    "backbone.head": ("task", "shared"),
+    "backbone.pooling": ("mean", "cls", "last"),
+    "training.optimizer": ("adamw", "sgd"),
+    "stream.eval_split": ("test", "dev"),
+}
+
+
+def _wrap(err: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(err, "full_key", None)
+    msg = (getattr(err, "msg", None) or str(err)).splitlines()[0]
+    return ConfigError(f"{key}: {msg} (from {source})" if key else f"{source}: {msg}")
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    extra: Dict[str, Any] | None = None,
+) -> DictConfig:
+    """Load a YAML preset, apply ``key=value`` overrides and validate against the schema.
+
+    Args:
+        path: YAML file (may be None for pure defaults).
+        overrides: dotlist overrides, e.g. ``["training.lr=1e-4", "strategy.name=ewc"]``.
+        extra: a plain dict merged after the file and before the overrides (used by tests and the Python API).
+
+    Returns:
+        A resolved, read-only ``DictConfig`` typed by :class:`ExperimentConfig`, whose ``strategy`` node is typed by
+        the chosen strategy's config class.
+
+    Raises:
+        ConfigError: unknown key, wrong type, unknown strategy or out-of-range choice, naming the full key path.
+    """
+    from strategies.registry import get_strategy_config_class
+
+    layers: list[tuple[str, DictConfig]] = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            layers.append((str(path), OmegaConf.load(path)))
+        except Exception as err:  # YAML syntax errors
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if extra:
+        layers.append(("<extra>", OmegaConf.create(extra)))
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+        try:
+            layers.append(("<command line>", OmegaConf.from_dotlist(list(overrides))))
+        except OmegaConfBaseException as err:
+            raise _wrap(err, "<command line>") from err
+
+    # The strategy name decides the schema of the `strategy` node, so find it first (last layer wins).
+    name = StrategyConfig.name
+    for _, layer in layers:
+        node = layer.get("strategy") if isinstance(layer, DictConfig) else None
+        if isinstance(node, DictConfig) and node.get("name") is not None:
+            name = str(node.get("name"))
+    try:
+        strategy_cls = get_strategy_config_class(name)
+    except KeyError as err:
+        raise ConfigError(f"strategy.name: {err.args[0]}") from err
+
+    schema = OmegaConf.structured(ExperimentConfig)
+    schema.strategy = OmegaConf.structured(strategy_cls)
+    cfg = schema
+    for source, layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as err:
+            raise _wrap(err, source) from err
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise _wrap(err, "interpolation") from err
+    for key, allowed in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+    for key in ("training.epochs", "training.batch_size", "training.eval_batch_size", "stream.max_length"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {OmegaConf.select(cfg, key)}")
+    for key in ("stream.train_per_class", "stream.test_per_task"):
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{key}: must be >= 1 or null, got {value}")
+    if cfg.training.lr <= 0:
+        raise ConfigError(f"training.lr: must be > 0, got {cfg.training.lr}")
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def flatten(cfg: DictConfig | dict, prefix: str = "") -> Dict[str, Any]:
+    """Flatten a nested config into ``{"a.b.c": value}`` (lists become their string form)."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    out: Dict[str, Any] = {}
+    for key, value in container.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, prefix=f"{full}."))
+        else:
+            out[full] = value
+    return out
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,131 @@
+"""The interface between the learner and an expansion strategy.
+
+The learner owns the loop (expand -> train -> freeze -> evaluate -> log); a strategy only answers questions about
+one task at a time: which modules to allocate, which parameters train, what to freeze and what to store. State is
+passed explicitly: hooks receive the model and the task and return what they produce.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Dict, Iterable, List, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import nn
+
+from continual.config import StrategyConfig
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """One task of a stream as the learner and strategies see it."""
+
+    index: int  # position in the stream (also the Avalanche task label)
+    name: str
+    labels: tuple  # label strings, in labels.json order
+
+
+@runtime_checkable
+class ExpansionStrategy(Protocol):
+    """What the learner asks of a strategy. Implementations register with ``strategies.registry``."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type]
+    # Train once on all tasks together (the multi-task upper bound) instead of one task after another.
+    trains_jointly: ClassVar[bool]
+
+    def setup(self, model: nn.Module, tasks: Sequence[TaskInfo]) -> None:
+        """Called once before the stream, with every task the stream will present."""
+
+    def before_task(self, model: nn.Module, task: TaskInfo) -> None:
+        """Allocate whatever the new task needs (modules, heads)."""
+
+    def trainable_parameters(self, model: nn.Module, task: TaskInfo) -> List[nn.Parameter]:
+        """The parameters that train on ``task``; only these reach the optimizer and have requires_grad."""
+
+    def after_task(self, model: nn.Module, task: TaskInfo) -> None:
+        """Freeze what the task trained."""
+
+    def avalanche_plugins(self) -> list:
+        """Avalanche plugins that take part in training (EWC, LwF, replay...)."""
+
+    def task_state(self, model: nn.Module, task: TaskInfo) -> Dict[str, torch.Tensor]:
+        """The tensors that must be stored for ``task`` (saved as safetensors)."""
+
+    def load_task_state(self, model: nn.Module, task: TaskInfo, state: Dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`task_state`."""
+
+    def stored_parameters(self, model: nn.Module, tasks_so_far: Sequence[TaskInfo]) -> int:
+        """Number of parameters that must be kept to serve every task seen so far."""
+
+
+def count(params: Iterable[nn.Parameter]) -> int:
+    return sum(p.numel() for p in params)
+
+
+class BaseStrategy:
+    """Defaults shared by strategies: nothing allocated, nothing frozen, no plugins.
+
+    Subclasses set ``name`` and ``Config`` and override what they change. One level of inheritance only.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = StrategyConfig
+    trains_jointly: ClassVar[bool] = False
+
+    def setup(self, model: nn.Module, tasks: Sequence[TaskInfo]) -> None:
+        self.tasks = list(tasks)
+
+    def before_task(self, model: nn.Module, task: TaskInfo) -> None:
+        return None
+
+    def trainable_parameters(self, model: nn.Module, task: TaskInfo) -> List[nn.Parameter]:
+        raise NotImplementedError
+
+    def after_task(self, model: nn.Module, task: TaskInfo) -> None:
+        return None
+
+    def avalanche_plugins(self) -> list:
+        return []
+
+    def task_state(self, model: nn.Module, task: TaskInfo) -> Dict[str, torch.Tensor]:
+        return {k: v for k, v in model.state_dict().items()}
+
+    def load_task_state(self, model: nn.Module, task: TaskInfo, state: Dict[str, torch.Tensor]) -> None:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise KeyError(f"checkpoint for task {task.name!r} has unexpected tensors: {unexpected[:5]}")
+
+    def stored_parameters(self, model: nn.Module, tasks_so_far: Sequence[TaskInfo]) -> int:
+        return count(model.parameters())
+
+
+def set_trainable(model: nn.Module, params: Iterable[nn.Parameter]) -> List[nn.Parameter]:
+    """Make exactly ``params`` trainable in ``model`` (requires_grad), everything else frozen.
+
+    Returns the de-duplicated list, in model order, ready for an optimizer.
+    """
+    wanted = {id(p) for p in params}
+    out: List[nn.Parameter] = []
+    seen: set = set()
+    for p in model.parameters():
+        train = id(p) in wanted
+        p.requires_grad_(train)
+        if train and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    if len(seen) != len(wanted):
+        raise ValueError("trainable_parameters returned parameters that are not part of the model")
+    return out
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+
+def backbone_and_head(model: nn.Module, task: TaskInfo) -> List[nn.Parameter]:
+    """Every backbone parameter plus the head that serves ``task`` (what full fine-tuning trains)."""
+    return list(model.backbone.parameters()) + model.heads.parameters_for(task.index)

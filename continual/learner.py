@@ -1,0 +1,193 @@
+"""The continual learner: Avalanche's SupervisedTemplate driven by an :class:`ExpansionStrategy`.
+
+Avalanche runs the loop (experiences, epochs, mini-batches, plugins such as EWC, LwF and replay, evaluation
+metrics); the strategy answers, per task, what to allocate, what trains and what to freeze. Only the parameters the
+strategy names reach the optimizer; every other parameter has ``requires_grad=False``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from avalanche.evaluation.metrics import accuracy_metrics
+from avalanche.training.plugins import EvaluationPlugin
+from avalanche.training.templates import SupervisedTemplate
+from torch import nn
+
+from continual.expansion import ExpansionStrategy, TaskInfo, set_trainable
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; what was trained and logged before it is kept."""
+
+    def __init__(self, task: TaskInfo, epoch: int, iteration: int, value: float):
+        self.task, self.epoch, self.iteration, self.value = task, epoch, iteration, value
+        super().__init__(
+            f"loss became {value} on task {task.index} ({task.name!r}), epoch {epoch}, iteration {iteration}: "
+            "training of this task was stopped. Lower training.lr or enable training.max_grad_norm; earlier tasks' "
+            "results are kept in the run."
+        )
+
+
+_ACC_KEY = re.compile(r"^Top1_Acc_Exp/eval_phase/[^/]+/Task(\d+)/Exp(\d+)$")
+
+
+def build_optimizer(name: str, params: List[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if not params:
+        raise ValueError("the strategy named no trainable parameters for this task")
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"training.optimizer: unknown optimizer {name!r} (adamw, sgd)")
+
+
+class ContinualLearner(SupervisedTemplate):
+    """Avalanche strategy whose per-task hooks call an expansion strategy.
+
+    Args:
+        model: a ``ContinualClassifier`` (Avalanche ``MultiTaskModule``).
+        strategy: the expansion strategy.
+        tasks: every task of the stream, in order (experience i is task i).
+        optimizer: "adamw" or "sgd"; a fresh optimizer over the trainable parameters is made for every task.
+        progress: show a tqdm bar over mini-batches.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        strategy: ExpansionStrategy,
+        tasks: Sequence[TaskInfo],
+        *,
+        lr: float,
+        weight_decay: float = 0.0,
+        optimizer: str = "adamw",
+        max_grad_norm: float = 0.0,
+        train_mb_size: int = 16,
+        train_epochs: int = 1,
+        eval_mb_size: int = 64,
+        device: torch.device | str = "cpu",
+        plugins: Optional[list] = None,
+        progress: bool = True,
+    ):
+        self.strategy = strategy
+        self.tasks = list(tasks)
+        self.lr, self.weight_decay, self.optimizer_name = lr, weight_decay, optimizer
+        self.max_grad_norm = max_grad_norm
+        self.progress = progress
+        self._prepared_task: Optional[int] = None
+        self._bar = None
+        self._loss_sum, self._loss_count = 0.0, 0
+        self.last_epoch_loss = math.nan
+        evaluator = EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
+        # Avalanche wants an optimizer up front; the real one is made per task in make_optimizer.
+        placeholder = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
+        super().__init__(
+            model=model,
+            optimizer=placeholder,
+            criterion=nn.CrossEntropyLoss(),
+            train_mb_size=train_mb_size,
+            train_epochs=train_epochs,
+            eval_mb_size=eval_mb_size,
+            device=device,
+            plugins=list(plugins or []) + list(strategy.avalanche_plugins()),
+            evaluator=evaluator,
+        )
+
+    # ------------------------------------------------------------------ task boundaries
+    @property
+    def current_task(self) -> TaskInfo:
+        return self.tasks[self.experience.current_experience]
+
+    def check_model_and_optimizer(self, **kwargs):
+        task = self.current_task
+        if self._prepared_task != task.index:
+            self.model = self.model_adaptation()  # Avalanche's dynamic-module adaptation (known task labels)
+            if self.strategy.trains_jointly:
+                for each in self.tasks:
+                    self.strategy.before_task(self.model, each)
+                    self.model.heads.activate(each.index)
+            else:
+                self.strategy.before_task(self.model, task)
+                self.model.heads.activate(task.index)
+            self.model.to(self.device)
+            self._prepared_task = task.index
+        self.make_optimizer()
+
+    def make_optimizer(self, **kwargs):
+        params = set_trainable(self.model, self.strategy.trainable_parameters(self.model, self.current_task))
+        self.optimizer = build_optimizer(self.optimizer_name, params, self.lr, self.weight_decay)
+        self.trainable_count = sum(p.numel() for p in params)
+
+    def _after_training_exp(self, **kwargs):
+        super()._after_training_exp(**kwargs)  # plugins first: EWC/LwF read the model as trained
+        tasks = self.tasks if self.strategy.trains_jointly else [self.current_task]
+        for task in tasks:
+            self.strategy.after_task(self.model, task)
+        self._prepared_task = None
+
+    # ------------------------------------------------------------------ one step
+    def backward(self):
+        value = float(self.loss.detach())
+        if not math.isfinite(value):
+            raise NonFiniteLossError(self.current_task, self.clock.train_exp_epochs, self.clock.train_epoch_iterations, value)
+        self._loss_sum += value
+        self._loss_count += 1
+        super().backward()
+
+    def optimizer_step(self):
+        if self.max_grad_norm > 0:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        super().optimizer_step()
+
+    # ------------------------------------------------------------------ progress
+    def _before_training_epoch(self, **kwargs):
+        super()._before_training_epoch(**kwargs)
+        self._loss_sum, self._loss_count = 0.0, 0
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            name = "all tasks" if self.strategy.trains_jointly else self.current_task.name
+            self._bar = tqdm(
+                total=len(self.dataloader),
+                desc=f"  {name} epoch {self.clock.train_exp_epochs + 1}/{self.train_epochs}",
+                leave=False,
+                unit="batch",
+            )
+
+    def _after_training_iteration(self, **kwargs):
+        super()._after_training_iteration(**kwargs)
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{self._loss_sum / max(self._loss_count, 1):.4f}", refresh=False)
+
+    def _after_training_epoch(self, **kwargs):
+        super()._after_training_epoch(**kwargs)
+        self.last_epoch_loss = self._loss_sum / max(self._loss_count, 1) if self._loss_count else math.nan
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _train_cleanup(self):
+        super()._train_cleanup()
+        if self._bar is not None:  # an exception left a bar open
+            self._bar.close()
+            self._bar = None
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, experiences) -> Dict[int, float]:
+        """Accuracy (0..1) per experience index, read from Avalanche's accuracy metric."""
+        results = self.eval(experiences)
+        out: Dict[int, float] = {}
+        for key, value in results.items():
+            match = _ACC_KEY.match(key)
+            if match:
+                out[int(match.group(2))] = float(value)
+        missing = [exp.current_experience for exp in experiences if exp.current_experience not in out]
+        if missing:
+            raise RuntimeError(f"Avalanche reported no accuracy for experiences {missing}")
+        return out

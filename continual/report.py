@@ -1,0 +1,255 @@
+"""Human-facing reports of a run: a text table, a CSV of the accuracy matrix, two plots and a JSON summary.
+
+Everything here writes or formats; the numbers come from :mod:`continual.metrics`. Matplotlib is imported inside the
+plotting functions so that importing this module (and the CLI) stays cheap, and figures are drawn on a standalone
+Agg canvas: nothing touches pyplot's global figure list or the process-wide backend, so there is nothing to leak.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from continual.results import RunResult
+
+PathLike = Union[str, Path]
+
+_MISSING = "-"  # how a value that was not measured (NaN) is shown in text
+
+
+def _pct(value: float, fmt: str = ".1f") -> str:
+    """Formats a 0..1 accuracy (or difference) in percent, ``-`` for NaN/None."""
+    if value is None or not math.isfinite(float(value)):
+        return _MISSING
+    return format(100.0 * float(value), fmt)
+
+
+def _grid(rows: Sequence[Sequence[str]]) -> List[str]:
+    """Aligns rows of cells: the first column left-aligned, the others right-aligned, two spaces apart."""
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def _labelled_rows(result: RunResult) -> List[tuple]:
+    """``(label, [T] accuracies)`` for the initial row (when present) and every row of the matrix."""
+    matrix = np.asarray(result.matrix, dtype=float)
+    rows = []
+    if result.initial is not None:
+        rows.append(("initial", np.asarray(result.initial, dtype=float)))
+    for name, row in zip(result.task_names, matrix):
+        rows.append((f"after {name}", row))
+    return rows
+
+
+def format_table(result: RunResult, summary: Dict[str, float]) -> str:
+    """Renders a run as plain text.
+
+    Three blocks: the accuracy matrix in percent (columns = tasks evaluated, rows = "after <task>" trained, plus an
+    "initial" row when measured; ``-`` where not evaluated), one line of stream metrics in percent points, and a
+    per-task table of costs taken from ``result.records``.
+
+    Args:
+        result: the run.
+        summary: stream metrics as returned by :func:`continual.metrics.summarize` (0..1 scale).
+
+    Returns:
+        The table, lines joined by newlines, without a trailing newline.
+    """
+    header = ["accuracy (%)"] + list(result.task_names)
+    rows = [header] + [[label] + [_pct(v) for v in values] for label, values in _labelled_rows(result)]
+    lines = _grid(rows)
+
+    names = (("acc", "ACC"), ("bwt", "BWT"), ("fwt", "FWT"), ("forgetting", "forgetting"))
+    metrics = "  ".join(f"{label} {_pct(summary.get(key), '.2f')}" for key, label in names)
+    lines += ["", f"{metrics}  (percent points)"]
+
+    if result.records:
+        cost_rows = [["task", "trainable params", "stored params", "wall time s", "peak memory MB", "train loss",
+                      "stored bytes"]]
+        for rec in result.records:
+            loss = _MISSING if not math.isfinite(rec.train_loss) else f"{rec.train_loss:.4f}"
+            cost_rows.append([
+                rec.task,
+                f"{rec.trainable_parameters:,}",
+                f"{rec.stored_parameters:,}",
+                f"{rec.wall_time_s:.2f}",
+                f"{rec.peak_memory_mb:.1f}",
+                loss,
+                f"{rec.stored_bytes:,}",
+            ])
+        lines += [""] + _grid(cost_rows)
+    return "\n".join(lines)
+
+
+def save_matrix_csv(result: RunResult, path: PathLike) -> Path:
+    """Writes the accuracy matrix (0..1, empty cell where not evaluated) as CSV.
+
+    The header is ``after_task,<task names...>``; an ``initial`` row comes first when measured, then one row per
+    trained task named by that task. Floats are written with ``repr`` so they read back exactly.
+
+    Args:
+        result: the run.
+        path: file to write; parent folders are created.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    if result.initial is not None:
+        rows.append(("initial", np.asarray(result.initial, dtype=float)))
+    rows += list(zip(result.task_names, np.asarray(result.matrix, dtype=float)))
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["after_task"] + list(result.task_names))
+        for label, values in rows:
+            writer.writerow([label] + ["" if math.isnan(v) else repr(float(v)) for v in values])
+    return path
+
+
+def _new_figure(width: float, height: float):
+    """A figure on its own Agg canvas, outside pyplot (no global state, nothing to close)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _set_step_ticks(set_ticks, labels: List[str]) -> None:
+    """Labels ticks 0..n-1, slanted when there are enough of them to collide."""
+    slanted = len(labels) > 4
+    set_ticks(range(len(labels)), labels=labels, rotation=45 if slanted else 0, ha="right" if slanted else "center")
+
+
+def plot_accuracy_matrix(result: RunResult, path: PathLike) -> Path:
+    """Saves the accuracy matrix as an annotated heatmap PNG (percent; cells not evaluated are left blank).
+
+    Args:
+        result: the run.
+        path: PNG file to write; parent folders are created.
+
+    Returns:
+        The path written.
+    """
+    import matplotlib
+
+    labelled = _labelled_rows(result)
+    data = np.ma.masked_invalid(100.0 * np.stack([values for _, values in labelled]))  # [rows, T]
+    n_rows, n_cols = data.shape
+    fig = _new_figure(max(4.0, 1.0 + 0.7 * n_cols), max(3.0, 1.0 + 0.5 * n_rows))
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
+    image = ax.imshow(data, cmap=cmap, vmin=0.0, vmax=100.0, aspect="auto")
+    fontsize = 8 if n_cols > 8 else 10
+    for i in range(n_rows):
+        for j in range(n_cols):
+            if data.mask is np.ma.nomask or not data.mask[i, j]:
+                value = float(data[i, j])
+                color = "white" if value < 60.0 else "black"  # viridis is dark at the low end
+                ax.text(j, i, f"{value:.1f}", ha="center", va="center", color=color, fontsize=fontsize)
+    _set_step_ticks(ax.set_xticks, list(result.task_names))
+    ax.set_yticks(range(n_rows), labels=[label for label, _ in labelled])
+    ax.set_xlabel("evaluated on task")
+    ax.set_ylabel("model state")
+    ax.set_title("Accuracy matrix (%)")
+    fig.colorbar(image, ax=ax, label="accuracy (%)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_forgetting_curves(result: RunResult, path: PathLike) -> Path:
+    """Saves one accuracy curve per task along the stream as a PNG.
+
+    The curve of task j starts at the step that trained it (``R[j, j]``) and follows ``R[i, j]`` for ``i >= j``;
+    when initial accuracies were measured, a dotted segment joins ``b[j]`` at the "initial" step to ``R[j, j]``.
+
+    Args:
+        result: the run.
+        path: PNG file to write; parent folders are created.
+
+    Returns:
+        The path written.
+    """
+    import matplotlib
+
+    matrix = 100.0 * np.asarray(result.matrix, dtype=float)  # [T, T]
+    t = matrix.shape[0]
+    offset = 0 if result.initial is None else 1  # x position of the first trained step
+    steps = (["initial"] if offset else []) + list(result.task_names)
+    colors = matplotlib.colormaps["tab10" if t <= 10 else "tab20"].colors
+
+    fig = _new_figure(max(5.0, 1.5 + 0.6 * len(steps)), 4.0)
+    ax = fig.add_subplot()
+    for j, name in enumerate(result.task_names):
+        color = colors[j % len(colors)]
+        xs = np.arange(j, t) + offset
+        ax.plot(xs, matrix[j:, j], marker="o", color=color, label=name)
+        if result.initial is not None:
+            b = 100.0 * float(result.initial[j])
+            ax.plot([0, j + offset], [b, matrix[j, j]], linestyle=":", marker="o", markerfacecolor="none",
+                    color=color)
+    _set_step_ticks(ax.set_xticks, steps)
+    ax.set_ylim(-2.0, 102.0)
+    ax.set_xlabel("after training on")
+    ax.set_ylabel("accuracy on task (%)")
+    ax.set_title("Accuracy on each task along the stream")
+    ax.grid(alpha=0.3)
+    ax.legend(title="task", fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    """Converts numpy values, paths and non-finite floats (-> null) into plain JSON values."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_summary_json(result: RunResult, summary: Dict[str, float], path: PathLike,
+                       extra: Optional[Dict[str, Any]] = None) -> Path:
+    """Writes ``{"summary": ..., "result": ..., "extra": ...}`` as JSON (NaN written as null).
+
+    Args:
+        result: the run, stored via :meth:`RunResult.to_dict`.
+        summary: stream metrics (0..1 scale).
+        path: file to write; parent folders are created.
+        extra: anything else worth keeping next to the numbers (config, run id); values that JSON cannot hold are
+            written as strings.
+
+    Returns:
+        The path written.
+    """
+    payload = {"summary": summary, "result": result.to_dict(), "extra": dict(extra or {})}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(payload), indent=2, allow_nan=False, default=str) + "\n")
+    return path

@@ -1,0 +1,43 @@
+"""Plain records of a run: what the learner produces and what metrics, reports and trackers consume."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+
+
+@dataclass
+class TaskRecord:
+    """What happened while training one task (one row of the accuracy matrix)."""
+
+    task: str
+    trainable_parameters: int  # parameters that received updates on this task
+    stored_parameters: int  # parameters kept to serve every task seen so far
+    wall_time_s: float  # training time of this task (evaluation excluded)
+    peak_memory_mb: float  # peak process RSS (CPU) or peak allocated CUDA memory while training this task
+    train_loss: float  # mean training loss over the task's last epoch
+    stored_bytes: int = 0  # bytes of this task's checkpoint (0 when checkpoints are off)
+
+
+@dataclass
+class RunResult:
+    """Accuracies of a whole stream.
+
+    ``matrix[i, j]`` is the accuracy (0..1) on task j's test set after training on tasks 0..i; rows that were not
+    evaluated (a joint run has only its final row) are NaN. ``initial[j]`` is the accuracy before any training.
+    """
+
+    task_names: List[str]
+    matrix: np.ndarray  # [T, T] float, NaN where not evaluated
+    initial: Optional[np.ndarray] = None  # [T] or None
+    records: List[TaskRecord] = field(default_factory=list)
+
+    def to_dict(self) -> Dict:
+        return {
+            "task_names": list(self.task_names),
+            "matrix": [[None if np.isnan(v) else float(v) for v in row] for row in self.matrix],
+            "initial": None if self.initial is None else [float(v) for v in self.initial],
+            "records": [asdict(r) for r in self.records],
+        }

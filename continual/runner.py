@@ -1,0 +1,172 @@
+"""The experiment recipe: setup -> (expand, train, freeze, evaluate, log) per task -> report.
+
+Reads top to bottom; everything with side effects (MLflow, files, the terminal) happens here or at the edges it calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from continual.config import flatten, to_yaml
+from continual.results import RunResult, TaskRecord
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def default_names(cfg: DictConfig) -> tuple[str, str]:
+    """(experiment, run name) from the stream, order, strategy, backbone and seed."""
+    stream = cfg.stream.name if cfg.stream.name != "custom" or not cfg.stream.tasks else "custom"
+    order = f"-order{cfg.stream.order}" if cfg.stream.order is not None and not cfg.stream.tasks else ""
+    experiment = cfg.tracking.experiment or f"{stream}{order}"
+    backbone = Path(cfg.backbone.name).name if Path(cfg.backbone.name).exists() else cfg.backbone.name
+    run_name = cfg.tracking.run_name or f"{cfg.strategy.name}-{backbone.replace('/', '_')}-{cfg.backbone.head}head-seed{cfg.seed}"
+    return experiment, run_name
+
+
+def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunResult:
+    """Run one continual experiment described by a validated config; returns the accuracy matrix and records.
+
+    Raises:
+        NonFiniteLossError: after logging everything finished before the loss diverged.
+    """
+    from continual.checkpoint import save_task_state
+    from continual.expansion import resolve_device
+    from continual.learner import ContinualLearner
+    from continual.metrics import summarize
+    from continual.models.backbone import load_backbone
+    from continual.models.classifier import ContinualClassifier
+    from continual.report import format_table
+    from continual.resources import ResourceMonitor
+    from continual.tracking import ExperimentTracker
+    from streams.avalanche import joint_experience, to_avalanche_benchmark
+    from streams.build import build_stream
+    from strategies.registry import build_strategy
+    from tqdm.auto import tqdm
+
+    # ---------------------------------------------------------------- setup
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.training.device)
+    strategy = build_strategy(cfg.strategy)  # fail on bad strategy options before loading anything heavy
+    backbone, tokenizer = load_backbone(
+        cfg.backbone.name,
+        random_init=cfg.backbone.random_init,
+        config_overrides=dict(cfg.backbone.config_overrides),
+        trust_remote_code=cfg.backbone.trust_remote_code,
+    )
+    stream = build_stream(cfg.stream, tokenizer, progress=cfg.training.progress)
+    tasks = stream.task_infos
+    model = ContinualClassifier(backbone, [t.labels for t in tasks], head=cfg.backbone.head, pooling=cfg.backbone.pooling)
+    strategy.setup(model, tasks)
+    benchmark = to_avalanche_benchmark(stream, model.heads.target_index)
+    train_exps, test_exps = list(benchmark.train_stream), list(benchmark.test_stream)
+    learner = ContinualLearner(
+        model,
+        strategy,
+        tasks,
+        lr=cfg.training.lr,
+        weight_decay=cfg.training.weight_decay,
+        optimizer=cfg.training.optimizer,
+        max_grad_norm=cfg.training.max_grad_norm,
+        train_mb_size=cfg.training.batch_size,
+        train_epochs=cfg.training.epochs,
+        eval_mb_size=cfg.training.eval_batch_size,
+        device=device,
+        progress=cfg.training.progress,
+    )
+
+    experiment, run_name = default_names(cfg)
+    output_dir = Path(cfg.tracking.output_dir) / experiment / run_name
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(to_yaml(cfg))
+    names = [t.name for t in tasks]
+    T = len(tasks)
+    result = RunResult(task_names=names, matrix=np.full((T, T), np.nan))
+    tags = {"stream": stream.name, "strategy": cfg.strategy.name, "backbone": cfg.backbone.name, "seed": str(cfg.seed)}
+
+    def evaluate_row() -> np.ndarray:
+        accs = learner.evaluate(test_exps)
+        return np.array([accs[j] for j in range(T)])
+
+    def finish(tracker, failed: bool = False) -> dict:
+        """Write every artifact of what has been measured so far (also after a failure)."""
+        from continual.report import plot_accuracy_matrix, plot_forgetting_curves, save_matrix_csv, write_summary_json
+
+        summary = summarize(result)
+        tracker.log_metrics({f"final/{k}": v for k, v in summary.items()})
+        save_matrix_csv(result, output_dir / "accuracy_matrix.csv")
+        write_summary_json(result, summary, output_dir / "summary.json", extra={"failed": failed, "config": flatten(cfg)})
+        if not np.isnan(result.matrix).all():
+            plot_accuracy_matrix(result, output_dir / "accuracy_matrix.png")
+            plot_forgetting_curves(result, output_dir / "forgetting_curves.png")
+        for path in sorted(output_dir.iterdir()):
+            tracker.log_artifact(path)
+        return summary
+
+    # ---------------------------------------------------------------- train and evaluate
+    with ExperimentTracker(experiment, run_name, uri=cfg.tracking.uri, enabled=cfg.tracking.enabled, tags=tags) as tracker:
+        tracker.log_params(flatten(cfg))
+        tracker.log_text(to_yaml(cfg), "config.yaml")
+        echo(f"{experiment} / {run_name}: {T} tasks ({', '.join(names)}) on {device}; {tracker.describe()}")
+        if cfg.training.eval_before_training:
+            result.initial = evaluate_row()
+            tracker.log_metrics({f"initial_acc/{n}": float(a) for n, a in zip(names, result.initial)})
+
+        phases = [("all tasks", joint_experience(train_exps), T - 1)] if strategy.trains_jointly else [
+            (t.name, exp, t.index) for t, exp in zip(tasks, train_exps)
+        ]
+        try:
+            for label, experience, row in tqdm(phases, desc="tasks", unit="task", disable=not cfg.training.progress):
+                with ResourceMonitor(device) as monitor:
+                    learner.train(experience)
+                result.matrix[row] = evaluate_row()
+                seen = tasks if strategy.trains_jointly else tasks[: row + 1]
+                stored_bytes = 0
+                if cfg.training.checkpoint_dir:
+                    for task in seen if strategy.trains_jointly else [tasks[row]]:
+                        stored_bytes += save_task_state(
+                            cfg.training.checkpoint_dir, task.index, task.name, strategy.task_state(model, task),
+                            meta={"strategy": cfg.strategy.name},
+                        )
+                record = TaskRecord(
+                    task=label,
+                    trainable_parameters=learner.trainable_count,
+                    stored_parameters=strategy.stored_parameters(model, seen),
+                    wall_time_s=monitor.wall_time_s,
+                    peak_memory_mb=monitor.peak_memory_mb,
+                    train_loss=learner.last_epoch_loss,
+                    stored_bytes=stored_bytes,
+                )
+                result.records.append(record)
+                tracker.log_metrics(
+                    {
+                        **{f"acc/{n}": float(a) for n, a in zip(names, result.matrix[row])},
+                        "acc/mean_seen": float(np.mean(result.matrix[row, : row + 1])),
+                        "train_loss": record.train_loss,
+                        "trainable_parameters": record.trainable_parameters,
+                        "stored_parameters": record.stored_parameters,
+                        "wall_time_s": record.wall_time_s,
+                        "peak_memory_mb": record.peak_memory_mb,
+                        "stored_bytes": record.stored_bytes,
+                    },
+                    step=row,
+                )
+        except Exception:
+            finish(tracker, failed=True)
+            raise
+        summary = finish(tracker)
+    echo(format_table(result, summary))
+    echo(f"artifacts: {output_dir}")
+    return result

@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+from continual.models.backbone import BackboneError, load_backbone, resolve_backbone
+from continual.models.classifier import ContinualClassifier, TaskHeads
+
+LABELS = [("neg", "pos"), ("a", "b", "c", "d"), ("pos", "neg", "neutral")]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_backbone):
+    torch.manual_seed(0)
+    backbone, tokenizer = load_backbone(
+        tiny_backbone["name"], random_init=True, config_overrides=tiny_backbone["config_overrides"]
+    )
+    return backbone, tokenizer
+
+
+def batch(tokenizer, texts, length=24):
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=length, return_tensors="pt")
+    return torch.stack([enc["input_ids"], enc["attention_mask"]], dim=1)
+
+
+def test_minilm_short_name_resolves_to_the_shipped_folder():
+    path = resolve_backbone("minilm")
+    assert path.endswith("model")
+    assert (__import__("pathlib").Path(path) / "config.json").is_file()
+
+
+def test_unreachable_hub_model_fails_with_a_way_out(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BackboneError) as err:
+        load_backbone("someone/not-a-cached-model")
+    message = str(err.value)
+    assert "someone/not-a-cached-model" in message and "local folder" in message and "HF_HUB_OFFLINE" in message
+
+
+def test_unknown_config_override_names_the_key():
+    with pytest.raises(BackboneError, match="backbone.config_overrides.num_layerz"):
+        load_backbone("minilm", random_init=True, config_overrides={"num_layerz": 2})
+
+
+def test_local_folder_without_config_is_rejected(tmp_path):
+    with pytest.raises(BackboneError, match="config.json"):
+        resolve_backbone(str(tmp_path))
+
+
+def test_padding_trim_does_not_change_outputs(tiny):
+    backbone, tokenizer = tiny
+    model = ContinualClassifier(backbone, LABELS, head="task").eval()
+    texts = ["a short one", "a slightly longer sentence than the first"]
+    short, long = batch(tokenizer, texts, 16), batch(tokenizer, texts, 48)
+    tasks = torch.tensor([0, 0])
+    torch.testing.assert_close(model(short, tasks), model(long, tasks))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "last"])
+def test_mixed_task_batch_equals_per_task_batches(tiny, pooling):
+    backbone, tokenizer = tiny
+    model = ContinualClassifier(backbone, LABELS, head="task", pooling=pooling).eval()
+    texts = ["one", "two words", "three words here", "four words are here", "five"]
+    x = batch(tokenizer, texts)
+    tasks = torch.tensor([0, 1, 2, 1, 0])
+    mixed = model(x, tasks)
+    assert mixed.shape == (5, 4)
+    for t in range(3):
+        rows = (tasks == t).nonzero(as_tuple=True)[0]
+        alone = model(x[rows], t)
+        torch.testing.assert_close(mixed[rows], alone)
+        width = len(LABELS[t])
+        assert torch.isinf(mixed[rows, width:]).all(), "padding logits beyond a task's labels must be -inf"
+
+
+def test_shared_head_maps_labels_to_the_union_and_masks_unseen(tiny):
+    backbone, tokenizer = tiny
+    heads = TaskHeads(8, LABELS, mode="shared")
+    assert heads.shared_labels == ["neg", "pos", "a", "b", "c", "d", "neutral"]
+    assert heads.target_index(2) == [1, 0, 6]
+    features = torch.randn(3, 8)
+    unmasked = heads(features, torch.zeros(3, dtype=torch.long))
+    assert torch.isfinite(unmasked).all(), "nothing is masked before any task has been seen"
+    heads.activate(0)
+    logits = heads(features, torch.zeros(3, dtype=torch.long))
+    assert torch.isfinite(logits[:, :2]).all() and torch.isinf(logits[:, 2:]).all()
+    heads.activate(2)
+    assert torch.isfinite(heads(features, torch.zeros(3, dtype=torch.long))[:, [0, 1, 6]]).all()
+
+
+def test_bert_pooler_is_dropped(tiny):
+    backbone, _ = tiny
+    assert getattr(backbone, "pooler", None) is None
+    assert not any("pooler" in name for name, _ in backbone.named_parameters())
