@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -58,10 +59,10 @@ class ContinualLearner(SupervisedTemplate):
 
     def __init__(
         self,
+        *,
         model: nn.Module,
         strategy: ExpansionStrategy,
         tasks: Sequence[TaskInfo],
-        *,
         lr: float,
         weight_decay: float = 0.0,
         optimizer: str = "adamw",
@@ -82,7 +83,9 @@ class ContinualLearner(SupervisedTemplate):
         self._bar = None
         self._loss_sum, self._loss_count = 0.0, 0
         self.last_epoch_loss = math.nan
-        evaluator = EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
+        with warnings.catch_warnings():  # "no loggers": on purpose, results go to MLflow through the runner
+            warnings.simplefilter("ignore", UserWarning)
+            evaluator = EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
         # Avalanche wants an optimizer up front; the real one is made per task in make_optimizer.
         placeholder = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
         super().__init__(
@@ -100,6 +103,8 @@ class ContinualLearner(SupervisedTemplate):
     # ------------------------------------------------------------------ task boundaries
     @property
     def current_task(self) -> TaskInfo:
+        if self.strategy.trains_jointly:  # one experience holds every task; report it as the last one
+            return self.tasks[-1]
         return self.tasks[self.experience.current_experience]
 
     def check_model_and_optimizer(self, **kwargs):

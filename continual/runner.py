@@ -73,9 +73,9 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
     benchmark = to_avalanche_benchmark(stream, model.heads.target_index)
     train_exps, test_exps = list(benchmark.train_stream), list(benchmark.test_stream)
     learner = ContinualLearner(
-        model,
-        strategy,
-        tasks,
+        model=model,
+        strategy=strategy,
+        tasks=tasks,
         lr=cfg.training.lr,
         weight_decay=cfg.training.weight_decay,
         optimizer=cfg.training.optimizer,

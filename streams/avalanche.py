@@ -55,6 +55,7 @@ def to_avalanche_benchmark(stream, target_index: Callable[[int], List[int]]):
         target_index: ``task index -> [head index of each local label]`` (from the model's heads).
     """
     from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+    from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
     from avalanche.benchmarks.scenarios.task_aware import with_task_labels
 
     train, test = [], []
@@ -62,17 +63,18 @@ def to_avalanche_benchmark(stream, target_index: Callable[[int], List[int]]):
         mapping = target_index(task.info.index)
         train.append(to_classification_dataset(task.train, task.info.index, mapping))
         test.append(to_classification_dataset(task.test, task.info.index, mapping))
-    return with_task_labels(benchmark_from_datasets(train=train, test=test))
+    return with_classes_timeline(with_task_labels(benchmark_from_datasets(train=train, test=test)))
 
 
 def joint_experience(experiences):
-    """One experience holding the union of ``experiences`` (each sample keeps its task label)."""
-    from avalanche.benchmarks.scenarios.dataset_scenario import DatasetExperience
+    """One training experience holding the union of ``experiences`` (each sample keeps its task label)."""
+    from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+    from avalanche.benchmarks.scenarios.supervised import with_classes_timeline
     from avalanche.benchmarks.scenarios.task_aware import with_task_labels
 
     datasets = [exp.dataset for exp in experiences]
-    union = datasets[0].concat(datasets[1]) if len(datasets) > 1 else datasets[0]
-    for extra in datasets[2:]:
+    union = datasets[0]
+    for extra in datasets[1:]:
         union = union.concat(extra)
-    experience = DatasetExperience(dataset=union, current_experience=experiences[-1].current_experience)
-    return with_task_labels(experience)
+    benchmark = with_classes_timeline(with_task_labels(benchmark_from_datasets(train=[union])))
+    return benchmark.train_stream[0]

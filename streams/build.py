@@ -14,8 +14,8 @@ from typing import Any, List, Optional
 from continual.expansion import TaskInfo
 from streams.cl_benchmark import data_root_from, load_cl_task
 from streams.data import TaskData
-from streams.errors import StreamError
-from streams.huggingface import is_hf_task, load_hf_task
+from streams.errors import StreamError, TaskNotFoundError
+from streams.huggingface import hf_ids_for, is_hf_task, load_hf_task
 from streams.orders import resolve_order, resolve_task_names
 from streams.sampling import cap_per_class, cap_total
 from streams.tokenize import default_cache_dir, tokenize_split
@@ -48,7 +48,14 @@ def load_task(name: str, root: Optional[Path], eval_split: str, skip_unknown_lab
         return load_hf_task(name, eval_split, skip_unknown_labels=skip_unknown_labels)
     if root is None:
         raise StreamError(f"task {name!r} is read from a folder: set stream.data_root or CONTINUAL_DATA")
-    return load_cl_task(root, name, eval_split=eval_split, skip_unknown_labels=skip_unknown_labels)
+    try:
+        return load_cl_task(root, name, eval_split=eval_split, skip_unknown_labels=skip_unknown_labels)
+    except TaskNotFoundError as err:
+        hints = hf_ids_for(name)
+        if hints:
+            also = ", ".join(f"hf:{h}" for h in hints)
+            raise TaskNotFoundError(f"{err}; this task is also on the Hub as {also}") from err
+        raise
 
 
 def _check_unique(names: List[str], sources: List[str]) -> None:
@@ -63,16 +70,16 @@ def _check_unique(names: List[str], sources: List[str]) -> None:
         seen[key] = name
 
 
-def _capped(name: str, data: TaskData, train_per_class: Optional[int], test_per_task: Optional[int],
-            seed: int) -> TaskData:
-    for split_name, split in (("train", data.train), ("eval", data.test)):
+def _capped(name: str, data: TaskData, eval_split: str, train_per_class: Optional[int],
+            test_per_task: Optional[int], seed: int) -> TaskData:
+    for split_name, split in (("train", data.train), (eval_split, data.test)):
         if len(split) == 0:
             skipped = f" ({sum(data.skipped.values())} rows skipped for unknown labels)" if data.skipped else ""
             raise StreamError(f"task {name!r}: the {split_name} split of {data.source} has no rows{skipped}")
     train = cap_per_class(data.train, train_per_class, seed)
     test = cap_total(data.test, test_per_task, seed)
     for split_name, split, cap in (("train", train, f"train_per_class={train_per_class}"),
-                                   ("eval", test, f"test_per_task={test_per_task}")):
+                                   (eval_split, test, f"test_per_task={test_per_task}")):
         if len(split) == 0:
             raise StreamError(f"task {name!r}: the {split_name} split is empty after capping with stream.{cap}; "
                               "raise the cap")
@@ -103,7 +110,8 @@ def build_stream(cfg, tokenizer, progress: bool = True) -> Stream:
     loaded = [load_task(n, root, cfg.eval_split, cfg.skip_unknown_labels) for n in names]
     _check_unique(names, [data.source for data in loaded])
     capped = [
-        _capped(n, data, cfg.train_per_class, cfg.test_per_task, cfg.seed) for n, data in zip(names, loaded)
+        _capped(n, data, cfg.eval_split, cfg.train_per_class, cfg.test_per_task, cfg.seed)
+        for n, data in zip(names, loaded)
     ]
 
     cache_dir = default_cache_dir(cfg.cache_dir)

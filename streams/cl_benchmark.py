@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from streams.data import TaskData, TaskSplit
-from streams.errors import StreamError
+from streams.errors import StreamError, TaskNotFoundError
 
 DATA_ENV = "CONTINUAL_DATA"
 _SKIP_HINT = "stream.skip_unknown_labels=true"
@@ -97,7 +97,7 @@ def find_task_dir(root: Path, name: str) -> Path:
         raise StreamError(f"task {name!r} is ambiguous under {root}: {shown}; name it as group/task")
     if not candidates:
         existing = list_tasks(root)
-        raise StreamError(
+        raise TaskNotFoundError(
             f"task {name!r} not found under {root}; tasks there: {', '.join(existing) or '(none)'}. "
             "Add its folder (<group>/<task>/{train,test}.json + labels.json), fix the name, "
             "or use a Hugging Face dataset (hf:<id>)"
@@ -161,14 +161,18 @@ def read_split(path: Path, labels: Tuple[str, ...], skip_unknown_labels: bool = 
     """
     items = _read_json_items(path)
     if not isinstance(items, list):
-        raise StreamError(f"{path}: must be a JSON array of {{\"label\", \"sentence\"}} objects, got {type(items).__name__}")
+        raise StreamError(
+            f"{path}: must be a JSON array of {{\"label\", \"sentence\"}} objects, got {type(items).__name__}"
+        )
     index = {label: i for i, label in enumerate(labels)}
     texts: List[str] = []
     ids: List[int] = []
     unknown: Counter = Counter()
     for row, item in enumerate(items):
         if not isinstance(item, dict):
-            raise StreamError(f"{path}: item {row} is a {type(item).__name__}, expected an object with label and sentence")
+            raise StreamError(
+                f"{path}: item {row} is a {type(item).__name__}, expected an object with label and sentence"
+            )
         missing = [k for k in ("sentence", "label") if k not in item]
         if missing:
             raise StreamError(

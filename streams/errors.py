@@ -6,3 +6,7 @@ class StreamError(ValueError):
 
     Every message names the offending file, task or value and says how to fix it.
     """
+
+
+class TaskNotFoundError(StreamError):
+    """A task folder does not exist under the data root (the message lists the tasks that do)."""

@@ -105,6 +105,21 @@ def folder_name(hf_id: str) -> str:
     return hf_id.replace("/", "_")
 
 
+# Benchmark task names whose Hub id differs from the name ("amazon" is 5-class, unlike amazon_polarity: no alias).
+_ALIASES = {
+    "agnews": "ag_news", "yelp": "yelp_review_full", "dbpedia": "dbpedia_14",
+    "yahoo": "yahoo_answers_topics", "boolqa": "super_glue/boolq",
+}
+
+
+def hf_ids_for(name: str) -> List[str]:
+    """Hub ids of the task called ``name`` (``cb`` -> ``super_glue/cb``): hints for a missing folder task."""
+    key = name.strip().lower().split("/")[-1].replace("-", "")
+    if key in _ALIASES:
+        return [_ALIASES[key]]
+    return [k for k in HF_TASKS if k.split("/")[-1] == key]
+
+
 def _env_true(var: str) -> bool:
     return os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 

@@ -67,7 +67,8 @@ def resolve_task_names(name: str, order: Optional[int], tasks: List[str]) -> Lis
             "stream.name=custom needs stream.tasks, e.g. stream.tasks=[agnews,TC/dbpedia,hf:glue/sst2]; "
             f"or use a named stream: {_known()}"
         )
-    return list(NAMED_STREAMS[name][resolve_order(name, order, tasks)])
+    chosen = resolve_order(name, order, tasks)  # raises for an unknown name or order
+    return list(NAMED_STREAMS[name][chosen])
 
 
 def _orders_of(name: str) -> Dict[int, List[str]]:

@@ -110,7 +110,8 @@ def tokenize_split(split: TaskSplit, tokenizer, max_length: int, cache_dir: Path
                 {"text": list(split.texts), "label": [int(x) for x in split.labels]},
                 features=datasets.Features({"text": datasets.Value("string"), "label": datasets.Value("int64")}),
             )
-            tokenized = raw.map(encode, batched=True, remove_columns=["text"])
+            # new_fingerprint: our own key already covers the inputs; spares datasets from hashing the tokenizer.
+            tokenized = raw.map(encode, batched=True, remove_columns=["text"], new_fingerprint=target.name)
             # Write to a private folder and rename: a crash mid-write never leaves a half cache entry behind.
             tmp = cache_dir / f".tmp-{target.name}-{uuid.uuid4().hex}"
             tokenized.save_to_disk(str(tmp))

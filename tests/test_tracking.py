@@ -36,7 +36,16 @@ def _artifact_paths(client, run_id, path=None):
     return sorted(f.path for f in client.list_artifacts(run_id, path))
 
 
-def test_run_has_name_experiment_params_metrics_and_artifacts(shared_uri, tmp_path):
+def test_run_has_name_experiment_params_metrics_and_artifacts(shared_uri, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRUNCATE_LONG_VALUES", "false")  # MLflow rejects long values: the tracker must cut
+    batch_sizes = []  # params per log_batch call, as sent to MLflow (a server rejects more than 100)
+    real_log_batch = MlflowClient.log_batch
+
+    def spy_log_batch(self, run_id, metrics=(), params=(), tags=(), *args, **kwargs):
+        batch_sizes.append(len(params))
+        return real_log_batch(self, run_id, metrics, params, tags, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", spy_log_batch)
     table = tmp_path / "matrix.csv"
     table.write_text("after_task,a\na,0.5\n")
     plots = tmp_path / "plots"
@@ -68,6 +77,7 @@ def test_run_has_name_experiment_params_metrics_and_artifacts(shared_uri, tmp_pa
 
     params = run.data.params
     assert len(params) == 153
+    assert max(batch_sizes) <= 100 and sum(batch_sizes) == 153
     assert params["lr"] == "0.0001"
     assert params["tasks"] == "['dbpedia', 'amazon']"
     assert params["long"] == "x" * 6000
@@ -177,6 +187,14 @@ def test_env_tracking_uri_is_honoured(tmp_path, monkeypatch):
     assert not (tmp_path / "mlflow.db").exists()
     run = MlflowClient(env_uri).get_run(tracker.run_id)
     assert run.data.params == {"source": "env"}
+
+
+def test_import_does_not_load_mlflow():
+    root = Path(__file__).resolve().parents[1]
+    code = "import sys, continual.tracking; print('mlflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
+                         env={"PYTHONPATH": str(root), "PATH": ""})
+    assert out.stdout.strip() == "False"
 
 
 # -- a real tracking server -------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ no sample in the batch uses before running the encoder.
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 from avalanche.models import MultiTaskModule
@@ -104,14 +104,24 @@ class ContinualClassifier(MultiTaskModule):
         last = attention_mask.sum(1).long().clamp_min(1) - 1
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
-    def forward(self, x: torch.Tensor, task_labels) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, task_labels) -> torch.Tensor | Dict[int, torch.Tensor]:
+        """x: [B, 2, L]; task_labels: [B] tensor, one int for the whole batch, or None for every task trained so
+        far (Avalanche's convention, used by LwF), which returns ``{task: [B, C] logits}``."""
+        if task_labels is None:
+            features = self._features(x)
+            return {
+                task: self.heads(features, torch.full((x.shape[0],), task, dtype=torch.long, device=x.device))
+                for task in sorted(self.known_train_tasks_labels)
+            }
         if not torch.is_tensor(task_labels):
             task_labels = torch.full((x.shape[0],), int(task_labels), dtype=torch.long, device=x.device)
+        return self.heads(self._features(x), task_labels)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """Drop the padding columns no sample uses, then encode: [B, 2, L] -> [B, H]."""
         input_ids, attention_mask = x[:, 0], x[:, 1]
-        used = int(attention_mask.sum(1).max().item()) if attention_mask.numel() else 0
-        used = max(used, 1)
-        features = self.encode(input_ids[:, :used], attention_mask[:, :used])
-        return self.heads(features, task_labels)
+        used = max(int(attention_mask.sum(1).max().item()) if attention_mask.numel() else 0, 1)
+        return self.encode(input_ids[:, :used], attention_mask[:, :used])
 
     # Avalanche's MultiTaskModule routes single-task calls through here (LwF's forward_all_tasks, for one).
     def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
