@@ -17,7 +17,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 if TYPE_CHECKING:  # mlflow takes seconds to import; it is imported when a tracker starts
     from mlflow.tracking import MlflowClient
@@ -173,7 +173,7 @@ class ExperimentTracker:
             client.log_batch(self._run_id, metrics=entries[start:start + MAX_METRICS_PER_BATCH])
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        """Stores ``text`` as the artifact ``artifact_file`` (a path inside the run's artifacts, e.g. ``report.txt``)."""
+        """Stores ``text`` as the artifact ``artifact_file`` (a path inside the run's artifacts, e.g. ``a/b.txt``)."""
         if not self.enabled:
             return
         self._active_client().log_text(self._run_id, text, artifact_file)

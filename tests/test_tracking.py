@@ -1,6 +1,5 @@
 """MLflow tracking against real stores: an embedded SQLite store and a real `mlflow server` (continual/tracking.py)."""
 
-import math
 import os
 import signal
 import socket

@@ -8,15 +8,7 @@ from typing import Callable, Sequence, Tuple
 
 import pytest
 
-# tests/streams/ -> repository root -> its sibling shared/ folder.
-CL_ROOT = Path(__file__).resolve().parents[2].parent / "shared/data/cl_benchmark"
-
-
-@pytest.fixture(scope="session")
-def cl_root() -> Path:
-    if not CL_ROOT.is_dir():
-        pytest.skip(f"real CL_Benchmark data not found at {CL_ROOT}")
-    return CL_ROOT
+# `cl_root` (the real CL_Benchmark copy) comes from tests/conftest.py: missing data fails, never skips.
 
 
 @pytest.fixture(scope="session")
