@@ -128,8 +128,8 @@ def _new_figure(width: float, height: float):
 
 
 def _set_step_ticks(set_ticks, labels: List[str]) -> None:
-    """Labels ticks 0..n-1, slanted when there are enough of them to collide."""
-    slanted = len(labels) > 4
+    """Labels ticks 0..n-1, slanted when they would collide (many of them, or long names)."""
+    slanted = len(labels) > 4 or max((len(label) for label in labels), default=0) * len(labels) > 20
     set_ticks(range(len(labels)), labels=labels, rotation=45 if slanted else 0, ha="right" if slanted else "center")
 
 

@@ -1,0 +1,69 @@
+import subprocess
+import sys
+
+import pytest
+
+from continual.cli import main
+
+
+def test_list_shows_streams_strategies_and_presets(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for expected in ("standard", "long", "full_finetune", "joint", "ewc", "lwf", "replay", "configs/quickstart.yaml"):
+        assert expected in out
+
+
+def test_list_does_not_import_avalanche_or_mlflow():
+    code = "import sys; from continual.cli import main; main(['list']); print(sorted(m for m in ('avalanche', 'mlflow') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_unknown_key_fails_before_training_with_the_key_path(capsys):
+    assert main(["run", "configs/quickstart.yaml", "training.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert "training.lrr" in err and "Did you mean" in err
+
+
+def test_unknown_strategy_lists_the_known_ones(capsys):
+    assert main(["run", "quickstart", "strategy.name=sgd_magic"]) == 2
+    err = capsys.readouterr().err
+    assert "sgd_magic" in err and "full_finetune" in err and "replay" in err
+
+
+def test_unknown_stream_lists_the_known_ones(capsys, tiny_experiment, tmp_path):
+    assert main(["run", "quickstart", "stream.name=huge", "backbone.random_init=true"]) == 2
+    err = capsys.readouterr().err
+    assert "huge" in err and "standard" in err and "long" in err
+
+
+def test_missing_data_folder_is_reported(capsys, monkeypatch, tmp_path):
+    monkeypatch.delenv("CONTINUAL_DATA", raising=False)
+    assert main(["run", "quickstart", f"stream.data_root={tmp_path / 'nowhere'}"]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_backbone_that_cannot_load_offline_is_reported(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["run", "quickstart", "backbone.name=org/missing-model"]) == 2
+    err = capsys.readouterr().err
+    assert "org/missing-model" in err and "local folder" in err
+
+
+@pytest.mark.slow
+def test_run_prints_the_summary_table(capsys, tiny_experiment, tmp_path, cl_root):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(
+        f"""# continual run tiny.yaml
+stream: {{name: custom, tasks: [SST-2, agnews], data_root: {cl_root}, train_per_class: 4, test_per_task: 8,
+          max_length: 16, cache_dir: {tmp_path / 'cache'}}}
+backbone: {{name: minilm, random_init: true,
+            config_overrides: {{num_hidden_layers: 1, hidden_size: 16, num_attention_heads: 2, intermediate_size: 32}}}}
+training: {{epochs: 1, batch_size: 4, progress: false}}
+tracking: {{uri: 'sqlite:///{tmp_path / 'cli.db'}', output_dir: {tmp_path / 'out'}}}
+"""
+    )
+    assert main(["run", str(config), "strategy.name=replay", "strategy.mem_size=8"]) == 0
+    out = capsys.readouterr().out
+    assert "after agnews" in out and "ACC" in out and "BWT" in out
+    assert (tmp_path / "out" / "custom" / "replay-minilm-taskhead-seed0" / "accuracy_matrix.png").is_file()
