@@ -90,3 +90,21 @@ def test_bert_pooler_is_dropped(tiny):
     backbone, _ = tiny
     assert getattr(backbone, "pooler", None) is None
     assert not any("pooler" in name for name, _ in backbone.named_parameters())
+
+
+def test_roberta_family_backbone_from_a_local_folder(tmp_path, tiny):
+    """Any Hugging Face encoder works from a local folder: a tiny RoBERTa written with save_pretrained."""
+    from transformers import RobertaConfig, RobertaModel
+
+    _, tokenizer = tiny
+    config = RobertaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=80, pad_token_id=tokenizer.pad_token_id,
+    )
+    RobertaModel(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    backbone, loaded_tokenizer = load_backbone(str(tmp_path))
+    assert type(backbone).__name__ == "RobertaModel" and getattr(backbone, "pooler", None) is None
+    model = ContinualClassifier(backbone, LABELS, head="shared", pooling="cls").eval()
+    logits = model(batch(loaded_tokenizer, ["local roberta", "works offline"]), torch.tensor([0, 2]))
+    assert logits.shape == (2, 7) and torch.isfinite(logits).all()
