@@ -92,6 +92,9 @@ class ContinualClassifier(MultiTaskModule):
         self.pooling = pooling
         hidden = backbone.config.hidden_size
         self.heads = TaskHeads(hidden, task_labels, head)
+        # A continual.modules.ModuleBank set by a strategy that puts per-task modules in the backbone; when set,
+        # every backbone call routes each sample to its task's modules.
+        self.bank = None
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B, L] ids and mask -> [B, H] sentence features."""
@@ -108,20 +111,29 @@ class ContinualClassifier(MultiTaskModule):
         """x: [B, 2, L]; task_labels: [B] tensor, one int for the whole batch, or None for every task trained so
         far (Avalanche's convention, used by LwF), which returns ``{task: [B, C] logits}``."""
         if task_labels is None:
+            tasks = sorted(self.known_train_tasks_labels)
+            labels = {task: torch.full((x.shape[0],), task, dtype=torch.long, device=x.device) for task in tasks}
+            if self.bank is not None:  # features differ per task: one backbone pass per task
+                return {task: self.heads(self._features(x, labels[task]), labels[task]) for task in tasks}
             features = self._features(x)
-            return {
-                task: self.heads(features, torch.full((x.shape[0],), task, dtype=torch.long, device=x.device))
-                for task in sorted(self.known_train_tasks_labels)
-            }
+            return {task: self.heads(features, labels[task]) for task in tasks}
         if not torch.is_tensor(task_labels):
             task_labels = torch.full((x.shape[0],), int(task_labels), dtype=torch.long, device=x.device)
-        return self.heads(self._features(x), task_labels)
+        return self.heads(self._features(x, task_labels), task_labels)
 
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
-        """Drop the padding columns no sample uses, then encode: [B, 2, L] -> [B, H]."""
+    def _features(self, x: torch.Tensor, task_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Drop the padding columns no sample uses, then encode: [B, 2, L] -> [B, H].
+
+        ``task_labels: [B]`` routes each sample to its task's modules when a bank is attached (required then).
+        """
         input_ids, attention_mask = x[:, 0], x[:, 1]
         used = max(int(attention_mask.sum(1).max().item()) if attention_mask.numel() else 0, 1)
-        return self.encode(input_ids[:, :used], attention_mask[:, :used])
+        if self.bank is None:
+            return self.encode(input_ids[:, :used], attention_mask[:, :used])
+        if task_labels is None:
+            raise ValueError("this model has per-task modules: its features need the samples' task labels")
+        with self.bank.route(task_labels):
+            return self.encode(input_ids[:, :used], attention_mask[:, :used])
 
     # Avalanche's MultiTaskModule routes single-task calls through here (LwF's forward_all_tasks, for one).
     def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
