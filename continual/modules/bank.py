@@ -1,0 +1,424 @@
+"""Per-task modules at sites of a frozen backbone, mixed per sample by a router.
+
+One abstraction serves every method that allocates modules per task (delta tuning now, experts later):
+
+- a **site** (:class:`TaskModuleSite`) replaces one linear layer of the backbone in place, keeps the original as
+  ``base`` (frozen, untouched) and holds one *slot* of delta parameters per task, of one kind (LoRA, adapter, ...);
+- a **router** turns each sample's task id into weights over slots, ``[B] -> [B, K]`` (:func:`routing_weights`
+  for the three cross-task compositions; an inferred router or a mixture-of-experts gate plugs in at the same
+  place);
+- the :class:`Routing` of a model is shared by all its sites: the classifier sets the batch's task ids around the
+  backbone call, every site reads the same slot weights;
+- the :class:`ModuleBank` attaches sites, allocates, freezes, saves and loads one task's modules at every site.
+
+Compositions across tasks (Progressive Prompts, Razdaibiedina et al. 2023, for the sequential one):
+``isolated`` (a task-``j`` sample uses slot ``j`` only), ``sequential`` (slots ``0..j``: task ``t`` trains on top
+of the frozen earlier ones), ``simultaneous`` (every allocated slot, summed).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Dict, Iterable, Iterator, List, Optional, Protocol, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from continual.modules.deltas import get_delta_kind
+
+COMPOSITIONS = ("isolated", "sequential", "simultaneous")
+
+# Hugging Face ``config.model_type`` -> the family whose module names the kinds' default targets are written for.
+FAMILIES: Dict[str, str] = {
+    "bert": "bert",
+    "roberta": "bert",
+    "xlm-roberta": "bert",
+    "electra": "bert",
+    "gpt2": "gpt2",
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "t5": "t5",
+    "mt5": "t5",
+}
+
+
+# ---------------------------------------------------------------------------------------------------- routing
+def routing_weights(task_ids: torch.Tensor, trained_tasks: Iterable[int], n_slots: int, mode: str) -> torch.Tensor:
+    """Per-sample weights over task slots for a cross-task composition.
+
+    Args:
+        task_ids: ``[B]`` integer task id of each sample (slot ``k`` belongs to task ``k``).
+        trained_tasks: the slots that may act (allocated ones); others get weight 0.
+        n_slots: ``K``, the number of slots.
+        mode: "isolated" (slot ``== task id``), "sequential" (slots ``<= task id``) or "simultaneous" (all).
+
+    Returns:
+        ``[B, K]`` float32 of 0s and 1s; a sample with no active slot gets an all-zero row.
+    """
+    if mode not in COMPOSITIONS:
+        raise ValueError(f"composition must be one of {list(COMPOSITIONS)}, got {mode!r}")
+    slots = torch.arange(n_slots, device=task_ids.device)
+    active = torch.zeros(n_slots, dtype=torch.bool, device=task_ids.device)
+    trained = [k for k in trained_tasks]
+    if trained:
+        active[torch.tensor(trained, dtype=torch.long, device=task_ids.device)] = True
+    ids = task_ids.long()[:, None]
+    if mode == "isolated":
+        mask = slots[None, :] == ids
+    elif mode == "sequential":
+        mask = slots[None, :] <= ids
+    else:
+        mask = torch.ones(task_ids.shape[0], n_slots, dtype=torch.bool, device=task_ids.device)
+    return (mask & active[None, :]).float()
+
+
+class TaskRouter(Protocol):
+    """Maps a batch's task ids to slot weights. Inferred routers (no task id at test time) implement this too."""
+
+    # True when every sample gets at most one non-zero slot weight (sites may then gather instead of mixing).
+    exclusive: bool
+
+    def weights(self, task_ids: torch.Tensor, n_slots: int) -> torch.Tensor:
+        """``[B]`` task ids -> ``[B, K]`` slot weights."""
+
+
+@dataclass(frozen=True)
+class TaskIdRouter:
+    """Route by the given task id with one of the three compositions; every allocated slot may act."""
+
+    mode: str = "isolated"
+
+    def __post_init__(self):
+        if self.mode not in COMPOSITIONS:
+            raise ValueError(f"composition must be one of {list(COMPOSITIONS)}, got {self.mode!r}")
+
+    @property
+    def exclusive(self) -> bool:
+        return self.mode == "isolated"
+
+    def weights(self, task_ids: torch.Tensor, n_slots: int) -> torch.Tensor:
+        return routing_weights(task_ids, range(n_slots), n_slots, self.mode)
+
+
+class Routing:
+    """The routing of one forward pass, shared by every site of one model.
+
+    ``with routing.route(task_ids): backbone(...)`` makes the batch's task ids visible to the sites; the slot
+    weights are computed once per forward and reused by every site.
+    """
+
+    def __init__(self, router: TaskRouter):
+        self.router = router
+        self.task_ids: Optional[torch.Tensor] = None  # [B] while a forward runs, else None
+        self._weights: Dict[int, torch.Tensor] = {}
+
+    @property
+    def mode(self) -> Optional[str]:
+        return getattr(self.router, "mode", None)
+
+    @property
+    def exclusive(self) -> bool:
+        return bool(self.router.exclusive)
+
+    @contextmanager
+    def route(self, task_ids: torch.Tensor) -> Iterator["Routing"]:
+        """Set the per-sample task ids ``[B]`` for the forward passes run inside the block."""
+        if self.task_ids is not None:
+            raise RuntimeError("routing is already set: forward passes through one bank cannot be nested")
+        if task_ids.dim() != 1:
+            raise ValueError(f"task ids must have shape [B], got {tuple(task_ids.shape)}")
+        self.task_ids, self._weights = task_ids, {}
+        try:
+            yield self
+        finally:
+            self.task_ids, self._weights = None, {}
+
+    def weights(self, n_slots: int) -> torch.Tensor:
+        """``[B, K]`` slot weights of the current forward."""
+        if self.task_ids is None:
+            raise RuntimeError(
+                "no routing is set: run the backbone through ContinualClassifier, or inside bank.route(task_ids)"
+            )
+        if n_slots not in self._weights:
+            self._weights[n_slots] = self.router.weights(self.task_ids, n_slots)
+        return self._weights[n_slots]
+
+
+# ---------------------------------------------------------------------------------------------------- sites
+def _linear_dims(module: nn.Module) -> Tuple[int, int, torch.Tensor]:
+    """(in_features, out_features, weight) of an nn.Linear, a GPT-2 Conv1D or a site wrapping either."""
+    if isinstance(module, TaskModuleSite):
+        return module.in_features, module.out_features, module.weight
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, module.weight
+    if _is_conv1d(module):  # GPT-2's transposed linear: weight [in, out]
+        return module.weight.shape[0], module.weight.shape[1], module.weight
+    raise TypeError(f"{type(module).__name__} is not a linear layer")
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # transformers is optional for the bank itself
+        return False
+    return isinstance(module, Conv1D)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, TaskModuleSite)) or _is_conv1d(module)
+
+
+class TaskModuleSite(nn.Module):
+    """A linear layer of the backbone with per-task delta modules of one kind.
+
+    ``forward(x)`` returns ``base(x) + delta(x, base(x), w)`` where ``w: [B, K]`` are the slot weights of the
+    current :class:`Routing`; with no slots allocated it is exactly ``base(x)``.
+
+    Args:
+        base: the wrapped ``nn.Linear`` (or GPT-2 ``Conv1D``, or another site: kinds stack); never modified.
+        delta: the kind's per-task modules (a :class:`~continual.modules.deltas.TaskDelta`).
+        routing: the model's shared routing.
+        options: the kind options ``delta`` was built with (for parameter formulas).
+    """
+
+    def __init__(self, base: nn.Module, delta: nn.Module, routing: Routing, options: Optional[dict] = None):
+        super().__init__()
+        self.in_features, self.out_features, _ = _linear_dims(base)
+        self.base = base
+        self.delta = delta
+        self.routing = routing
+        self.options = dict(options or {})
+        if not isinstance(base, TaskModuleSite):
+            base.requires_grad_(False)
+
+    # Code that inspects a linear's weight (dtype, device) keeps working on the wrapped layer.
+    @property
+    def weight(self) -> torch.Tensor:
+        return _linear_dims(self.base)[2]
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.base.bias
+
+    @property
+    def n_slots(self) -> int:
+        return self.delta.n_slots
+
+    def add_slot(self) -> None:
+        self.delta.add_slot(device=self.weight.device, dtype=self.weight.dtype)
+
+    def slot_parameter_count(self) -> int:
+        """One task's parameters at this site, by the kind's formula."""
+        return type(self.delta).slot_parameter_count(self.in_features, self.out_features, **self.options)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, ..., in] -> [B, ..., out]."""
+        h = self.base(x)
+        n_slots = self.delta.n_slots
+        if n_slots == 0:
+            return h
+        weights = self.routing.weights(n_slots)  # [B, K]
+        if weights.shape[0] != x.shape[0]:
+            raise ValueError(f"routing has {weights.shape[0]} task ids but the site got a batch of {x.shape[0]}")
+        B = x.shape[0]
+        x3, h3 = x.reshape(B, -1, x.shape[-1]), h.reshape(B, -1, h.shape[-1])  # [B, T, in], [B, T, out]
+        change = self.delta(x3, h3, weights, self.routing.exclusive)
+        return (h3 + change).reshape(h.shape)
+
+    def merged(self, weights: torch.Tensor) -> nn.Module:
+        """A plain copy of the base linear with the mix ``weights: [K]`` of this site's slots folded in."""
+        base = self.base.merged(weights) if isinstance(self.base, TaskModuleSite) else copy.deepcopy(self.base)
+        dW, db = self.delta.weight_delta(weights.to(self.weight.device))
+        with torch.no_grad():
+            if dW is not None:
+                base.weight += dW if isinstance(base, nn.Linear) else dW.T  # Conv1D stores [in, out]
+            if db is not None:
+                if base.bias is None:
+                    base.bias = nn.Parameter(torch.zeros_like(db), requires_grad=False)
+                base.bias += db
+        return base
+
+
+# ---------------------------------------------------------------------------------------------------- bank
+def architecture_family(model: nn.Module) -> str:
+    """The family (bert, gpt2, llama, t5) whose default targets apply to a Hugging Face model."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"no default delta targets for model_type {model_type!r} (known: {', '.join(sorted(FAMILIES))}); "
+            "pass targets=[regex, ...] naming the linear layers to adapt"
+        )
+    return FAMILIES[model_type]
+
+
+class ModuleBank:
+    """Per-task modules at sites of one backbone, with the routing they share.
+
+    A plain object, not an ``nn.Module``: the sites live inside the backbone (so ``.to()``, ``state_dict`` and
+    optimizers see them once); the bank only knows where they are.
+
+    Args:
+        composition: "isolated", "sequential" or "simultaneous" (see the module docstring).
+        router: a custom :class:`TaskRouter`; replaces ``composition`` when given.
+    """
+
+    def __init__(self, composition: str = "isolated", router: Optional[TaskRouter] = None):
+        self.routing = Routing(router if router is not None else TaskIdRouter(composition))
+        self._sites: Dict[str, TaskModuleSite] = {}
+        self.n_tasks = 0
+        self.frozen: set = set()
+
+    # ------------------------------------------------------------------ building
+    def attach(self, model: nn.Module, kind: str, targets: Optional[Sequence[str]] = None, **kind_options) -> List[str]:
+        """Wrap every linear of ``model`` whose name matches one of ``targets`` with a site of ``kind``.
+
+        Args:
+            model: the backbone (a Hugging Face model for default targets).
+            kind: a registered delta kind ("lora", "adapter", "parallel_adapter", "bitfit").
+            targets: regexes, each matching a dotted suffix of module names; None or empty: the kind's defaults
+                for ``model.config.model_type``.
+            **kind_options: the kind's options (e.g. ``r=8, alpha=16`` for LoRA).
+
+        Returns:
+            The names of the new sites, in model order.
+
+        Raises:
+            ValueError: unknown kind or option, a pattern that matches no linear layer, or tasks already allocated.
+        """
+        cls = get_delta_kind(kind)
+        unknown = sorted(set(kind_options) - set(cls.options))
+        if unknown:
+            raise ValueError(f"{kind}: unknown option(s) {unknown}; it takes {list(cls.options) or 'none'}")
+        if self.n_tasks:
+            raise ValueError("attach every kind before the first task is added")
+        if not targets:
+            targets = [cls.default_targets[architecture_family(model)]]
+        compiled = []
+        for target in targets:
+            try:  # a target names a dotted suffix: "attention.self.query" matches "encoder.layer.0.attention.self.query"
+                compiled.append((target, re.compile(rf"(?:^|\.)(?:{target})$")))
+            except re.error as err:
+                raise ValueError(f"target {target!r} is not a valid regex: {err}") from None
+
+        modules = dict(model.named_modules())
+        # A site's wrapped layer is not a candidate again; the site itself is (kinds stack).
+        candidates = [
+            name for name, module in modules.items()
+            if name and _is_linear(module) and not isinstance(modules[name.rpartition(".")[0]], TaskModuleSite)
+        ]
+        chosen: List[str] = []
+        for target, pattern in compiled:
+            hits = [name for name in candidates if pattern.search(name)]
+            if not hits:
+                raise ValueError(
+                    f"target {target!r} matches no linear layer of {type(model).__name__}; some that exist: "
+                    f"{', '.join(candidates[:8]) or '(none)'}"
+                )
+            chosen.extend(name for name in hits if name not in chosen)
+        chosen.sort(key=candidates.index)
+
+        ours = {id(site) for site in self._sites.values()}
+        for name in chosen:
+            parent_name, _, child = name.rpartition(".")
+            base = modules[name]
+            in_features, out_features, _ = _linear_dims(base)
+            site = TaskModuleSite(base, cls(in_features, out_features, **kind_options), self.routing, kind_options)
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, site)
+            ours.add(id(site))
+        # Re-read every site's name: a site wrapped by a new one now lives at "<name>.base".
+        self._sites = {n: m for n, m in model.named_modules() if id(m) in ours}
+        return chosen
+
+    # ------------------------------------------------------------------ tasks
+    def add_task(self, task_index: int) -> None:
+        """Allocate ``task_index``'s slot at every site (tasks come in order; an allocated task is left as is)."""
+        if not self._sites:
+            raise ValueError("the bank has no sites: attach a kind first")
+        if task_index < self.n_tasks:
+            return
+        if task_index != self.n_tasks:
+            raise ValueError(f"tasks are allocated in order: the next one is {self.n_tasks}, got {task_index}")
+        for site in self._sites.values():
+            site.add_slot()
+        self.n_tasks += 1
+
+    def _check_task(self, task_index: int) -> None:
+        if not 0 <= task_index < self.n_tasks:
+            raise ValueError(f"task {task_index} has no modules (allocated: {self.n_tasks})")
+
+    def _task_named_parameters(self, task_index: int) -> Dict[str, nn.Parameter]:
+        self._check_task(task_index)
+        return {
+            f"{name}.{role}": param
+            for name, site in self._sites.items()
+            for role, param in site.delta.slot_parameters(task_index).items()
+        }
+
+    def task_parameters(self, task_index: int) -> List[nn.Parameter]:
+        """The parameters of one task's modules at every site."""
+        return list(self._task_named_parameters(task_index).values())
+
+    def freeze_task(self, task_index: int) -> None:
+        """Stop ``task_index``'s modules from training (requires_grad False)."""
+        for param in self.task_parameters(task_index):
+            param.requires_grad_(False)
+        self.frozen.add(task_index)
+
+    def task_state(self, task_index: int) -> Dict[str, torch.Tensor]:
+        """One task's tensors only, keyed ``"<site>.<role>"`` (e.g. ``"encoder.layer.0.attention.self.query.lora_A"``)."""
+        return {key: param.detach() for key, param in self._task_named_parameters(task_index).items()}
+
+    def load_task_state(self, task_index: int, state: Dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`task_state`; allocates the task first when it is the next one."""
+        if task_index == self.n_tasks:
+            self.add_task(task_index)
+        params = self._task_named_parameters(task_index)
+        missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+        if missing or unexpected:
+            raise KeyError(f"task {task_index} state: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for key, param in params.items():
+                if state[key].shape != param.shape:
+                    raise ValueError(f"{key}: shape {tuple(state[key].shape)} does not match {tuple(param.shape)}")
+                param.copy_(state[key])
+
+    # ------------------------------------------------------------------ use
+    def route(self, task_ids: torch.Tensor):
+        """Context manager: forward passes inside it route each sample by its task id ``[B]``."""
+        return self.routing.route(task_ids)
+
+    def sites(self) -> Dict[str, TaskModuleSite]:
+        """Site name (relative to the attached model) -> site, in model order."""
+        return dict(self._sites)
+
+    def parameter_count(self, task_index: Optional[int] = None) -> int:
+        """Parameters of one task's modules, or of every allocated task's when ``task_index`` is None."""
+        tasks = range(self.n_tasks) if task_index is None else [task_index]
+        return sum(p.numel() for t in tasks for p in self.task_parameters(t))
+
+    def expected_parameter_count(self) -> int:
+        """One task's parameters by each kind's formula (equal to ``parameter_count(t)`` for any task ``t``)."""
+        return sum(site.slot_parameter_count() for site in self._sites.values())
+
+    def merged(self, model: nn.Module, task_index: int) -> nn.Module:
+        """A copy of ``model`` (the one attached to) serving ``task_index`` with its deltas folded into plain linears.
+
+        Uses the composition's weights for that task (sequential: slots ``0..task``). Only for mergeable kinds
+        (LoRA, BitFit); ``model`` itself is not changed.
+        """
+        self._check_task(task_index)
+        for name, site in self._sites.items():
+            if model.get_submodule(name) is not site:
+                raise ValueError(f"{type(model).__name__} is not the model this bank is attached to (site {name!r})")
+        weights = self.routing.router.weights(torch.tensor([task_index]), self.n_tasks)[0]  # [K]
+        out = copy.deepcopy(model)
+        outer = [n for n in self._sites if not any(n.startswith(m + ".") for m in self._sites)]
+        for name in outer:
+            parent_name, _, child = name.rpartition(".")
+            site = out.get_submodule(name)
+            setattr(out.get_submodule(parent_name) if parent_name else out, child, site.merged(weights))
+        return out

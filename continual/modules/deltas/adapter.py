@@ -1,0 +1,96 @@
+"""Sequential bottleneck adapter (Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP"), one
+adapter per task.
+
+Placed on a linear's output (by default the attention output and FFN output projections, before the residual add
+and LayerNorm): ``h' = h + up(act(down(h)))``. The up-projection is zero-initialised, so a new task starts exactly
+at the frozen backbone.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar, Dict, Tuple
+
+import torch
+from torch import nn
+
+from continual.modules.deltas.mixing import ACTIVATIONS, mixed_bottleneck
+from continual.modules.deltas.registry import register_delta
+
+# Attention output and FFN output projections, per architecture family.
+BLOCK_OUTPUTS: Dict[str, str] = {
+    "bert": r"attention\.output\.dense|layer\.\d+\.output\.dense",
+    "gpt2": r"attn\.c_proj|mlp\.c_proj",
+    "llama": r"self_attn\.o_proj|mlp\.down_proj",
+    "t5": r"SelfAttention\.o|EncDecAttention\.o|DenseReluDense\.wo",
+}
+
+
+def init_bottleneck(rows: int, cols: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A ``[rows, cols]`` down-projection with nn.Linear's default (Kaiming-uniform) initialisation."""
+    weight = torch.empty(rows, cols, device=device, dtype=dtype)
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    return weight
+
+
+@register_delta
+class AdapterDelta(nn.Module):
+    """Per-task bottleneck adapters on a linear's output.
+
+    Args:
+        in_features: input width of the wrapped linear (unused: the adapter reads the output).
+        out_features: output width of the wrapped linear (the adapter's input and output width).
+        bottleneck: hidden width of the adapter.
+        activation: "gelu", "relu", "tanh" or "identity".
+    """
+
+    kind: ClassVar[str] = "adapter"
+    options: ClassVar[Tuple[str, ...]] = ("bottleneck", "activation")
+    default_targets: ClassVar[Dict[str, str]] = BLOCK_OUTPUTS
+    mergeable: ClassVar[bool] = False  # the activation makes it non-linear
+
+    def __init__(self, in_features: int, out_features: int, bottleneck: int = 24, activation: str = "gelu"):
+        super().__init__()
+        if bottleneck < 1:
+            raise ValueError(f"adapter: bottleneck must be >= 1, got {bottleneck}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"adapter: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.out_features, self.bottleneck, self.activation = out_features, bottleneck, activation
+        self.down = nn.ParameterList()  # slot k: [bottleneck, out]
+        self.down_bias = nn.ParameterList()  # slot k: [bottleneck]
+        self.up = nn.ParameterList()  # slot k: [out, bottleneck], zero-initialised
+        self.up_bias = nn.ParameterList()  # slot k: [out], zero-initialised
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.down)
+
+    def add_slot(self, device: torch.device, dtype: torch.dtype) -> None:
+        n, d = self.bottleneck, self.out_features
+        self.down.append(nn.Parameter(init_bottleneck(n, d, device, dtype)))
+        self.down_bias.append(nn.Parameter(torch.zeros(n, device=device, dtype=dtype)))
+        self.up.append(nn.Parameter(torch.zeros(d, n, device=device, dtype=dtype)))
+        self.up_bias.append(nn.Parameter(torch.zeros(d, device=device, dtype=dtype)))
+
+    def slot_parameters(self, slot: int) -> Dict[str, nn.Parameter]:
+        return {"down": self.down[slot], "down_bias": self.down_bias[slot], "up": self.up[slot], "up_bias": self.up_bias[slot]}
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, weights: torch.Tensor, exclusive: bool) -> torch.Tensor:
+        """h: [B, T, out]; weights: [B, K] -> [B, T, out]."""
+        return mixed_bottleneck(
+            h,
+            torch.stack(tuple(self.down)),
+            torch.stack(tuple(self.up)),
+            weights,
+            exclusive=exclusive,
+            activation=ACTIVATIONS[self.activation],
+            down_bias=torch.stack(tuple(self.down_bias)),
+            up_bias=torch.stack(tuple(self.up_bias)),
+        )
+
+    def weight_delta(self, weights: torch.Tensor):
+        raise ValueError("adapter deltas cannot be merged into the base weights: the adapter is non-linear")
+
+    @staticmethod
+    def slot_parameter_count(in_features: int, out_features: int, bottleneck: int = 24, **_) -> int:
+        return 2 * bottleneck * out_features + bottleneck + out_features

@@ -1,0 +1,66 @@
+"""BitFit: bias-only fine-tuning (Ben Zaken et al. 2022, "BitFit: Simple Parameter-efficient Fine-tuning for
+Transformer-based Masked Language-models"), one bias offset per task.
+
+The backbone's own biases stay frozen and shared; each task gets a zero-initialised offset ``db: [out]`` added to
+the wrapped linear's output, which is the same function as training that linear's bias (and also works for
+linears built without one, as in Llama).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Dict, Tuple
+
+import torch
+from torch import nn
+
+from continual.modules.deltas.registry import register_delta
+
+
+@register_delta
+class BitFitDelta(nn.Module):
+    """Per-task output bias offsets at one linear.
+
+    Args:
+        in_features: input width of the wrapped linear (unused; part of the kind constructor contract).
+        out_features: output width of the wrapped linear.
+    """
+
+    kind: ClassVar[str] = "bitfit"
+    options: ClassVar[Tuple[str, ...]] = ()
+    # Every linear of every block (the paper trains all biases; LayerNorm biases are not covered here).
+    default_targets: ClassVar[Dict[str, str]] = {
+        "bert": r"attention\.self\.(?:query|key|value)|attention\.output\.dense|intermediate\.dense|layer\.\d+\.output\.dense",
+        "gpt2": r"c_attn|c_proj|c_fc",
+        "llama": r"(?:q|k|v|o|gate|up|down)_proj",
+        "t5": r"q|k|v|o|wi|wi_0|wi_1|wo",
+    }
+    mergeable: ClassVar[bool] = True
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+        self.offset = nn.ParameterList()  # slot k: [out]
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.offset)
+
+    def add_slot(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.offset.append(nn.Parameter(torch.zeros(self.out_features, device=device, dtype=dtype)))
+
+    def slot_parameters(self, slot: int) -> Dict[str, nn.Parameter]:
+        return {"offset": self.offset[slot]}
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, weights: torch.Tensor, exclusive: bool) -> torch.Tensor:
+        """weights: [B, K] -> [B, 1, out] (one offset per sample, the same for every position)."""
+        offsets = torch.stack(tuple(self.offset))  # [K, out]
+        return (weights.to(offsets.dtype) @ offsets)[:, None, :]
+
+    def weight_delta(self, weights: torch.Tensor):
+        """weights: [K] -> (None, db [out])."""
+        offsets = torch.stack(tuple(self.offset))
+        return None, weights.to(offsets.dtype) @ offsets
+
+    @staticmethod
+    def slot_parameter_count(in_features: int, out_features: int, **_) -> int:
+        return out_features
