@@ -42,6 +42,7 @@ class AdapterDelta(nn.Module):
         out_features: output width of the wrapped linear (the adapter's input and output width).
         bottleneck: hidden width of the adapter.
         activation: "gelu", "relu", "tanh" or "identity".
+        scale: factor on the adapter's output (1 for the sequential adapter; not a user option of this kind).
     """
 
     kind: ClassVar[str] = "adapter"
@@ -49,14 +50,20 @@ class AdapterDelta(nn.Module):
     default_targets: ClassVar[Dict[str, str]] = BLOCK_OUTPUTS
     mergeable: ClassVar[bool] = False  # the activation makes it non-linear
 
-    def __init__(self, in_features: int, out_features: int, bottleneck: int = 24, activation: str = "gelu"):
+    # Which tensor the bottleneck reads: the linear's output h (sequential) or its input x (parallel adapter).
+    reads_input: ClassVar[bool] = False
+
+    def __init__(
+        self, in_features: int, out_features: int, bottleneck: int = 24, activation: str = "gelu", scale: float = 1.0
+    ):
         super().__init__()
         if bottleneck < 1:
-            raise ValueError(f"adapter: bottleneck must be >= 1, got {bottleneck}")
+            raise ValueError(f"{self.kind}: bottleneck must be >= 1, got {bottleneck}")
         if activation not in ACTIVATIONS:
-            raise ValueError(f"adapter: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        self.out_features, self.bottleneck, self.activation = out_features, bottleneck, activation
-        self.down = nn.ParameterList()  # slot k: [bottleneck, out]
+            raise ValueError(f"{self.kind}: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        self.in_width = in_features if self.reads_input else out_features
+        self.out_features, self.bottleneck, self.activation, self.scale = out_features, bottleneck, activation, scale
+        self.down = nn.ParameterList()  # slot k: [bottleneck, in_width]
         self.down_bias = nn.ParameterList()  # slot k: [bottleneck]
         self.up = nn.ParameterList()  # slot k: [out, bottleneck], zero-initialised
         self.up_bias = nn.ParameterList()  # slot k: [out], zero-initialised
@@ -67,7 +74,7 @@ class AdapterDelta(nn.Module):
 
     def add_slot(self, device: torch.device, dtype: torch.dtype) -> None:
         n, d = self.bottleneck, self.out_features
-        self.down.append(nn.Parameter(init_bottleneck(n, d, device, dtype)))
+        self.down.append(nn.Parameter(init_bottleneck(n, self.in_width, device, dtype)))
         self.down_bias.append(nn.Parameter(torch.zeros(n, device=device, dtype=dtype)))
         self.up.append(nn.Parameter(torch.zeros(d, n, device=device, dtype=dtype)))
         self.up_bias.append(nn.Parameter(torch.zeros(d, device=device, dtype=dtype)))
@@ -76,9 +83,9 @@ class AdapterDelta(nn.Module):
         return {"down": self.down[slot], "down_bias": self.down_bias[slot], "up": self.up[slot], "up_bias": self.up_bias[slot]}
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, weights: torch.Tensor, exclusive: bool) -> torch.Tensor:
-        """h: [B, T, out]; weights: [B, K] -> [B, T, out]."""
-        return mixed_bottleneck(
-            h,
+        """x: [B, T, in]; h: [B, T, out]; weights: [B, K] -> [B, T, out]."""
+        return self.scale * mixed_bottleneck(
+            x if self.reads_input else h,
             torch.stack(tuple(self.down)),
             torch.stack(tuple(self.up)),
             weights,
@@ -89,7 +96,7 @@ class AdapterDelta(nn.Module):
         )
 
     def weight_delta(self, weights: torch.Tensor):
-        raise ValueError("adapter deltas cannot be merged into the base weights: the adapter is non-linear")
+        raise ValueError(f"{self.kind} deltas cannot be merged into the base weights: the adapter is non-linear")
 
     @staticmethod
     def slot_parameter_count(in_features: int, out_features: int, bottleneck: int = 24, **_) -> int:
