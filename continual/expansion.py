@@ -8,7 +8,7 @@ passed explicitly: hooks receive the model and the task and return what they pro
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Dict, Iterable, List, Protocol, Sequence, runtime_checkable
+from typing import ClassVar, Dict, Iterable, List, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
@@ -33,6 +33,16 @@ class ExpansionStrategy(Protocol):
     Config: ClassVar[type]
     # Train once on all tasks together (the multi-task upper bound) instead of one task after another.
     trains_jointly: ClassVar[bool]
+    # What the runner loads as the backbone: "encoder" (AutoModel) or "causal_lm" (AutoModelForCausalLM + LM head).
+    backbone_kind: ClassVar[str]
+
+    def build_model(self, backbone: nn.Module, tokenizer, stream, backbone_cfg) -> Optional[nn.Module]:
+        """The model to train and evaluate, built from the loaded backbone, its tokenizer, the tokenized stream
+        (``streams.build.Stream``) and the ``backbone`` config node; None for the default ``ContinualClassifier``.
+        A model built here answers ``forward(x, task_labels)`` with ``[B, C]`` logits (``x: [B, 2, L]`` ids stacked
+        on the attention mask) and has ``heads`` with ``target_index(task)`` and ``activate(task)``, like
+        ``ContinualClassifier``. When ``trainable_parameters`` returns nothing, the learner trains nothing on that
+        task (its hooks still run) and only evaluates."""
 
     def setup(self, model: nn.Module, tasks: Sequence[TaskInfo]) -> None:
         """Called once before the stream, with every task the stream will present."""
@@ -45,6 +55,16 @@ class ExpansionStrategy(Protocol):
 
     def after_task(self, model: nn.Module, task: TaskInfo) -> None:
         """Freeze what the task trained."""
+
+    def training_stages(self, task: TaskInfo) -> int:
+        """How many stages ``task`` trains in (usually 1). With more, the learner runs the epochs once per stage
+        and asks ``trainable_parameters(model, task, stage=s)`` for each, calling ``after_stage`` in between."""
+
+    def after_stage(self, model: nn.Module, task: TaskInfo, stage: int) -> None:
+        """Freeze what ``stage`` of a multi-stage task trained."""
+
+    def auxiliary_loss(self, model: nn.Module, task: TaskInfo) -> Optional[torch.Tensor]:
+        """A loss added to the task loss of the forward pass just run while training (None: nothing)."""
 
     def avalanche_plugins(self) -> list:
         """Avalanche plugins that take part in training (EWC, LwF, replay...)."""
@@ -72,6 +92,10 @@ class BaseStrategy:
     name: ClassVar[str] = ""
     Config: ClassVar[type] = StrategyConfig
     trains_jointly: ClassVar[bool] = False
+    backbone_kind: ClassVar[str] = "encoder"
+
+    def build_model(self, backbone: nn.Module, tokenizer, stream, backbone_cfg) -> Optional[nn.Module]:
+        return None
 
     def setup(self, model: nn.Module, tasks: Sequence[TaskInfo]) -> None:
         self.tasks = list(tasks)
@@ -83,6 +107,15 @@ class BaseStrategy:
         raise NotImplementedError
 
     def after_task(self, model: nn.Module, task: TaskInfo) -> None:
+        return None
+
+    def training_stages(self, task: TaskInfo) -> int:
+        return 1
+
+    def after_stage(self, model: nn.Module, task: TaskInfo, stage: int) -> None:
+        return None
+
+    def auxiliary_loss(self, model: nn.Module, task: TaskInfo) -> Optional[torch.Tensor]:
         return None
 
     def avalanche_plugins(self) -> list:

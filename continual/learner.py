@@ -80,6 +80,7 @@ class ContinualLearner(SupervisedTemplate):
         self.max_grad_norm = max_grad_norm
         self.progress = progress
         self._prepared_task: Optional[int] = None
+        self._stage = 0  # training stage within the current task (see _train_exp)
         self._bar = None
         self._loss_sum, self._loss_count = 0.0, 0
         self.last_epoch_loss = math.nan
@@ -123,9 +124,40 @@ class ContinualLearner(SupervisedTemplate):
         self.make_optimizer()
 
     def make_optimizer(self, **kwargs):
-        params = set_trainable(self.model, self.strategy.trainable_parameters(self.model, self.current_task))
-        self.optimizer = build_optimizer(self.optimizer_name, params, self.lr, self.weight_decay)
+        task = self.current_task
+        if self.strategy.training_stages(task) > 1:
+            wanted = self.strategy.trainable_parameters(self.model, task, stage=self._stage)
+        else:
+            wanted = self.strategy.trainable_parameters(self.model, task)
+        params = set_trainable(self.model, wanted)
         self.trainable_count = sum(p.numel() for p in params)
+        if params:  # nothing to train (a test-time strategy such as TinT): _train_exp skips the epochs
+            self.optimizer = build_optimizer(self.optimizer_name, params, self.lr, self.weight_decay)
+
+    def _train_exp(self, experience, eval_streams=None, **kwargs):
+        """Train one task; a strategy with several stages per task (train one module kind, freeze it, train the
+        next) gets ``train_epochs`` epochs per stage, each stage with a fresh optimizer over its parameters."""
+        if self.trainable_count == 0:  # the strategy's hooks ran (before_task...); there is nothing to train
+            self.last_epoch_loss = math.nan
+            return
+        stages = 1 if self.strategy.trains_jointly else self.strategy.training_stages(self.current_task)
+        for stage in range(stages):
+            if stage:
+                self.strategy.after_stage(self.model, self.current_task, stage - 1)
+                self._stage = stage
+                self.make_optimizer()
+            super()._train_exp(experience, eval_streams, **kwargs)
+        self._stage = 0
+
+    def criterion(self):
+        """The task loss, plus the strategy's auxiliary loss of this forward while training (e.g. expert routing
+        losses); evaluation reports the task loss only."""
+        loss = super().criterion()
+        if self.is_training:
+            extra = self.strategy.auxiliary_loss(self.model, self.current_task)
+            if extra is not None:
+                loss = loss + extra
+        return loss
 
     def _after_training_exp(self, **kwargs):
         super()._after_training_exp(**kwargs)  # plugins first: EWC/LwF read the model as trained

@@ -1,13 +1,15 @@
 """Delta tuning per task (Ding et al. 2023, "Parameter-efficient fine-tuning of large-scale pre-trained language
-models"): the backbone stays frozen, each task trains its own small delta modules (LoRA, adapters, BitFit) and its
-head, then they are frozen. How tasks' deltas combine is the bank's composition (see ``continual.modules.bank``).
+models"): the backbone stays frozen, each task trains its own small delta modules (addition: adapters, prefix,
+prompt; specification: BitFit, last-layer, selective; reparameterisation: LoRA, intrinsic subspace) and its head,
+then they are frozen. How tasks' deltas combine is the bank's composition (see ``continual.modules.bank``); several
+kinds per task train together or in stages (``within_task``).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -19,22 +21,44 @@ from continual.modules import COMPOSITIONS, DELTA_KINDS, ModuleBank, get_delta_k
 DELTA_PREFIX = "deltas."  # task_state keys of delta tensors; head tensors keep their model state_dict names
 
 
+WITHIN_TASK = ("simultaneous", "sequential")
+
+
 @dataclass
 class DeltaConfig(StrategyConfig):
     name: str = "delta"
-    # Delta kinds, each attached at its own sites: lora, adapter, parallel_adapter, bitfit (all train together).
+    # Delta kinds per task: lora, adapter, parallel_adapter, bitfit, prefix, prompt, intrinsic, selective,
+    # last_layer (or any registered kind). Prompt and prefix are attached after the others.
     kinds: List[str] = field(default_factory=lambda: ["lora"])
     # Across tasks: isolated (a task uses its own deltas), sequential (tasks <= its own, earlier ones frozen),
     # simultaneous (every trained task's deltas, summed).
     composition: str = "isolated"
-    # Regexes matching dotted suffixes of backbone module names, for every kind; empty: each kind's defaults for
-    # the backbone's architecture (e.g. LoRA on attention query/value).
+    # Within a task, with several kinds: simultaneous (all train together) or sequential (stages in the order
+    # of `kinds`: train one kind for training.epochs, freeze it, train the next).
+    within_task: str = "simultaneous"
+    # Regexes matching dotted suffixes of backbone module names, for every kind that sits on linears ("{last}" is
+    # the last layer's index); empty: each kind's defaults for the backbone's architecture.
     targets: List[str] = field(default_factory=list)
+    # Per-kind targets, overriding `targets` for that kind (e.g. {lora: ["attention\\.self\\.query"]}).
+    kind_targets: Dict[str, List[str]] = field(default_factory=dict)
+    # Selective module tuning: keep only this many of the matched modules of each kind, drawn at random with
+    # select_seed (0 keeps all).
+    select: int = 0
+    select_seed: int = 0
     # LoRA rank r and scale numerator alpha (the update is scaled by alpha / r).
     rank: int = 8
     alpha: float = 16.0
     # Hidden width of adapters and parallel adapters.
     bottleneck: int = 24
+    # Prompt tuning: soft tokens per task, initialised from random vocabulary embeddings ("vocab") or N(0, 0.02).
+    prompt_tokens: int = 20
+    prompt_init: str = "vocab"
+    # Prefix tuning: key/value vectors per task and layer; reparameterisation MLP width while training (0: none).
+    prefix_tokens: int = 6
+    prefix_reparam: int = 0
+    # Intrinsic subspace: trainable dimensions per site (the projection is fixed and random, from `seed`).
+    intrinsic_dim: int = 32
+    seed: int = 0
 
 
 class DeltaStrategy(BaseStrategy):
@@ -47,12 +71,23 @@ class DeltaStrategy(BaseStrategy):
         self,
         kinds: Sequence[str] = ("lora",),
         composition: str = "isolated",
+        within_task: str = "simultaneous",
         targets: Sequence[str] = (),
+        kind_targets: Optional[Mapping[str, Sequence[str]]] = None,
+        select: int = 0,
+        select_seed: int = 0,
         rank: int = 8,
         alpha: float = 16.0,
         bottleneck: int = 24,
+        prompt_tokens: int = 20,
+        prompt_init: str = "vocab",
+        prefix_tokens: int = 6,
+        prefix_reparam: int = 0,
+        intrinsic_dim: int = 32,
+        seed: int = 0,
     ):
         kinds, targets = list(kinds), list(targets)
+        kind_targets = {k: list(v) for k, v in (kind_targets or {}).items()}
         if not kinds:
             raise ValueError("strategy.kinds: name at least one delta kind")
         for kind in kinds:
@@ -62,19 +97,46 @@ class DeltaStrategy(BaseStrategy):
             raise ValueError(f"strategy.kinds: each kind at most once, got {kinds}")
         if composition not in COMPOSITIONS:
             raise ValueError(f"strategy.composition must be one of {list(COMPOSITIONS)}, got {composition!r}")
-        for target in targets:
-            try:
-                re.compile(target)
-            except re.error as err:
-                raise ValueError(f"strategy.targets: {target!r} is not a valid regex: {err}") from None
-        if rank < 1:
-            raise ValueError(f"strategy.rank must be >= 1, got {rank}")
+        if within_task not in WITHIN_TASK:
+            raise ValueError(f"strategy.within_task must be one of {list(WITHIN_TASK)}, got {within_task!r}")
+        for kind in kind_targets:
+            if kind not in kinds:
+                raise ValueError(f"strategy.kind_targets.{kind}: {kind!r} is not one of strategy.kinds {kinds}")
+        for key, patterns in [("targets", targets)] + [(f"kind_targets.{k}", v) for k, v in kind_targets.items()]:
+            for target in patterns:
+                try:
+                    re.compile(target.replace("{last}", "0"))
+                except re.error as err:
+                    raise ValueError(f"strategy.{key}: {target!r} is not a valid regex: {err}") from None
+        for key, value, low in [
+            ("select", select, 0), ("rank", rank, 1), ("bottleneck", bottleneck, 1), ("prompt_tokens", prompt_tokens, 1),
+            ("prefix_tokens", prefix_tokens, 1), ("prefix_reparam", prefix_reparam, 0), ("intrinsic_dim", intrinsic_dim, 1),
+        ]:
+            if value < low:
+                raise ValueError(f"strategy.{key} must be >= {low}, got {value}")
         if alpha <= 0:
             raise ValueError(f"strategy.alpha must be > 0, got {alpha}")
-        if bottleneck < 1:
-            raise ValueError(f"strategy.bottleneck must be >= 1, got {bottleneck}")
-        self.kinds, self.composition, self.targets = kinds, composition, targets
-        self.shared_options = {"r": rank, "alpha": alpha, "bottleneck": bottleneck}
+        if prompt_init not in ("vocab", "normal"):
+            raise ValueError(f"strategy.prompt_init must be 'vocab' or 'normal', got {prompt_init!r}")
+        # Virtual-token kinds go last: a linear kind must never wrap (and shift) a prefix site's written positions.
+        self.kinds = sorted(kinds, key=lambda k: bool(getattr(get_delta_kind(k), "virtual_tokens", False)))
+        self.stage_order = kinds  # the user's order: the stages of within_task=sequential
+        self.composition, self.within_task, self.targets, self.kind_targets = composition, within_task, targets, kind_targets
+        self.select, self.select_seed = select, select_seed
+        self.kind_option_values = {
+            "lora": {"r": rank, "alpha": alpha},
+            "prompt": {"tokens": prompt_tokens, "init": prompt_init, "seed": seed},
+            "prefix": {"tokens": prefix_tokens, "reparam_hidden": prefix_reparam},
+            "intrinsic": {"dim": intrinsic_dim, "seed": seed},
+        }
+        # Options a kind not listed above takes by these names (adapters; third-party kinds).
+        self.shared_options = {"r": rank, "alpha": alpha, "bottleneck": bottleneck, "seed": seed}
+
+    def options_for(self, kind: str) -> Dict[str, object]:
+        """The constructor options ``kind`` gets from this strategy's settings."""
+        accepted = get_delta_kind(kind).options
+        given = self.kind_option_values.get(kind, self.shared_options)
+        return {k: v for k, v in given.items() if k in accepted}
 
     def setup(self, model: nn.Module, tasks: Sequence[TaskInfo]) -> None:
         super().setup(model, tasks)
@@ -82,16 +144,30 @@ class DeltaStrategy(BaseStrategy):
             raise ValueError("the model already has a module bank attached")
         bank = ModuleBank(self.composition)
         for kind in self.kinds:
-            options = {k: v for k, v in self.shared_options.items() if k in get_delta_kind(kind).options}
-            bank.attach(model.backbone, kind, self.targets or None, **options)
+            targets = self.kind_targets.get(kind, self.targets)
+            if getattr(get_delta_kind(kind), "wraps", "linear") == "embedding":
+                targets = []  # prompt tuning sits on the input embedding, whatever the linear targets say
+            try:
+                bank.attach(model.backbone, kind, targets or None, select=self.select, select_seed=self.select_seed,
+                            **self.options_for(kind))
+            except ValueError as err:
+                raise ValueError(f"strategy.kinds: {kind}: {err}") from None
         model.backbone.requires_grad_(False)
         model.bank = bank
 
     def before_task(self, model: nn.Module, task: TaskInfo) -> None:
         model.bank.add_task(task.index)
 
-    def trainable_parameters(self, model: nn.Module, task: TaskInfo) -> List[nn.Parameter]:
-        return model.bank.task_parameters(task.index) + model.heads.parameters_for(task.index)
+    def training_stages(self, task: TaskInfo) -> int:
+        return len(self.stage_order) if self.within_task == "sequential" else 1
+
+    def trainable_parameters(self, model: nn.Module, task: TaskInfo, stage: Optional[int] = None) -> List[nn.Parameter]:
+        """The task's deltas (of the stage's kind only, when the task trains in stages) and its head."""
+        kind = None if stage is None else self.stage_order[stage]
+        return model.bank.task_parameters(task.index, kind) + model.heads.parameters_for(task.index)
+
+    def after_stage(self, model: nn.Module, task: TaskInfo, stage: int) -> None:
+        model.bank.freeze_task(task.index, self.stage_order[stage])
 
     def after_task(self, model: nn.Module, task: TaskInfo) -> None:
         model.bank.freeze_task(task.index)

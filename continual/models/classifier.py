@@ -96,9 +96,22 @@ class ContinualClassifier(MultiTaskModule):
         # every backbone call routes each sample to its task's modules.
         self.bank = None
 
-    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[B, L] ids and mask -> [B, H] sentence features."""
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        n_virtual: int = 0,
+    ) -> torch.Tensor:
+        """[B, L] ids and mask -> [B, H] sentence features.
+
+        ``n_virtual`` leading positions (prompt/prefix tokens of a module bank, with their ``position_ids``) are
+        run through the backbone but not pooled.
+        """
+        extra = {} if position_ids is None else {"position_ids": position_ids}
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+        if n_virtual:
+            hidden, attention_mask = hidden[:, n_virtual:], attention_mask[:, n_virtual:]
         if self.pooling == "cls":
             return hidden[:, 0]
         mask = attention_mask.to(hidden.dtype)
@@ -133,7 +146,15 @@ class ContinualClassifier(MultiTaskModule):
         if task_labels is None:
             raise ValueError("this model has per-task modules: its features need the samples' task labels")
         with self.bank.route(task_labels):
-            return self.encode(input_ids[:, :used], attention_mask[:, :used])
+            ids, mask, positions, n_virtual = self.bank.prepare_inputs(input_ids[:, :used], attention_mask[:, :used])
+            if n_virtual and not self._takes_position_ids():
+                positions = None  # e.g. T5: relative positions; the virtual tokens shift nothing absolute
+            return self.encode(ids, mask, positions, n_virtual)
+
+    def _takes_position_ids(self) -> bool:
+        import inspect
+
+        return "position_ids" in inspect.signature(self.backbone.forward).parameters
 
     # Avalanche's MultiTaskModule routes single-task calls through here (LwF's forward_all_tasks, for one).
     def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:

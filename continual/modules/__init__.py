@@ -15,6 +15,7 @@ from continual.modules.bank import (
     routing_weights,
 )
 from continual.modules.deltas import DELTA_KINDS, TaskDelta, get_delta_kind, register_delta
+from continual.modules.peft_interop import export_peft_lora, import_peft_lora  # noqa: F401 (PEFT adapter folders)
 
 __all__ = [
     "COMPOSITIONS",

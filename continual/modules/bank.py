@@ -19,6 +19,7 @@ of the frozen earlier ones), ``simultaneous`` (every allocated slot, summed).
 from __future__ import annotations
 
 import copy
+import random
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -115,6 +116,9 @@ class Routing:
         self.router = router
         self.task_ids: Optional[torch.Tensor] = None  # [B] while a forward runs, else None
         self._weights: Dict[int, torch.Tensor] = {}
+        # Virtual-token group -> (first position, number of positions) in the current forward's sequence;
+        # set by ModuleBank.prepare_inputs.
+        self.virtual: Dict[int, Tuple[int, int]] = {}
 
     @property
     def mode(self) -> Optional[str]:
@@ -131,11 +135,11 @@ class Routing:
             raise RuntimeError("routing is already set: forward passes through one bank cannot be nested")
         if task_ids.dim() != 1:
             raise ValueError(f"task ids must have shape [B], got {tuple(task_ids.shape)}")
-        self.task_ids, self._weights = task_ids, {}
+        self.task_ids, self._weights, self.virtual = task_ids, {}, {}
         try:
             yield self
         finally:
-            self.task_ids, self._weights = None, {}
+            self.task_ids, self._weights, self.virtual = None, {}, {}
 
     def weights(self, n_slots: int) -> torch.Tensor:
         """``[B, K]`` slot weights of the current forward."""
@@ -146,6 +150,15 @@ class Routing:
         if n_slots not in self._weights:
             self._weights[n_slots] = self.router.weights(self.task_ids, n_slots)
         return self._weights[n_slots]
+
+    def span(self, group: int) -> Tuple[int, int]:
+        """(first position, count) of a virtual-token group in the current sequence."""
+        if group not in self.virtual:
+            raise RuntimeError(
+                "prompt/prefix deltas add virtual tokens: prepare the inputs with bank.prepare_inputs(...) inside "
+                "bank.route(task_ids) (ContinualClassifier does this)"
+            )
+        return self.virtual[group]
 
 
 # ---------------------------------------------------------------------------------------------------- sites
@@ -172,6 +185,24 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, TaskModuleSite)) or _is_conv1d(module)
 
 
+def _site_dims(base: nn.Module, delta: nn.Module) -> Tuple[int, int]:
+    """(in, out) widths a site reports: the linear's, an embedding's (vocabulary, width), or what the kind says."""
+    if isinstance(base, nn.Embedding):
+        return base.num_embeddings, base.embedding_dim
+    if _is_linear(base):
+        return _linear_dims(base)[:2]
+    return int(getattr(delta, "in_features", 0)), int(getattr(delta, "out_features", 0))
+
+
+def _last_layer_index(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value - 1
+    raise ValueError(f"{type(model).__name__}: cannot tell its number of layers for a '{{last}}' target")
+
+
 class TaskModuleSite(nn.Module):
     """A linear layer of the backbone with per-task delta modules of one kind.
 
@@ -187,7 +218,7 @@ class TaskModuleSite(nn.Module):
 
     def __init__(self, base: nn.Module, delta: nn.Module, routing: Routing, options: Optional[dict] = None):
         super().__init__()
-        self.in_features, self.out_features, _ = _linear_dims(base)
+        self.in_features, self.out_features = _site_dims(base, delta)
         self.base = base
         self.delta = delta
         self.routing = routing
@@ -198,11 +229,13 @@ class TaskModuleSite(nn.Module):
     # Code that inspects a linear's weight (dtype, device) keeps working on the wrapped layer.
     @property
     def weight(self) -> torch.Tensor:
-        return _linear_dims(self.base)[2]
+        if hasattr(self.base, "weight"):
+            return self.base.weight
+        return next(self.base.parameters())  # a block without one weight (an FFN): for device and dtype only
 
     @property
     def bias(self) -> Optional[torch.Tensor]:
-        return self.base.bias
+        return getattr(self.base, "bias", None)
 
     @property
     def n_slots(self) -> int:
@@ -212,8 +245,19 @@ class TaskModuleSite(nn.Module):
         self.delta.add_slot(device=self.weight.device, dtype=self.weight.dtype)
 
     def slot_parameter_count(self) -> int:
-        """One task's parameters at this site, by the kind's formula."""
+        """One task's stored parameters at this site, by the kind's formula."""
         return type(self.delta).slot_parameter_count(self.in_features, self.out_features, **self.options)
+
+    def __getattr__(self, name: str):
+        # Attributes the backbone reads from the module it put here (e.g. an embedding's ``embedding_dim``,
+        # a Conv1D's ``nf``) resolve on the wrapped module.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = None if name.startswith("_") else self.__dict__.get("_modules", {}).get("base")
+            if base is None:
+                raise
+            return getattr(base, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, ..., in] -> [B, ..., out]."""
@@ -224,6 +268,10 @@ class TaskModuleSite(nn.Module):
         weights = self.routing.weights(n_slots)  # [B, K]
         if weights.shape[0] != x.shape[0]:
             raise ValueError(f"routing has {weights.shape[0]} task ids but the site got a batch of {x.shape[0]}")
+        if getattr(self.delta, "virtual_tokens", False):  # prompt / prefix: write the virtual positions
+            return self.delta.place(h, weights, self.routing.span(self.delta.group), self.routing.exclusive)
+        if getattr(self.delta, "wraps", "linear") != "linear":
+            return h + self.delta(x, h, weights, self.routing.exclusive)
         B = x.shape[0]
         x3, h3 = x.reshape(B, -1, x.shape[-1]), h.reshape(B, -1, h.shape[-1])  # [B, T, in], [B, T, out]
         change = self.delta(x3, h3, weights, self.routing.exclusive)
@@ -269,69 +317,128 @@ class ModuleBank:
     def __init__(self, composition: str = "isolated", router: Optional[TaskRouter] = None):
         self.routing = Routing(router if router is not None else TaskIdRouter(composition))
         self._sites: Dict[str, TaskModuleSite] = {}
+        self._token_groups: List[Tuple[int, str]] = []  # (group, kind) of each attached virtual-token kind
         self.n_tasks = 0
         self.frozen: set = set()
 
     # ------------------------------------------------------------------ building
-    def attach(self, model: nn.Module, kind: str, targets: Optional[Sequence[str]] = None, **kind_options) -> List[str]:
-        """Wrap every linear of ``model`` whose name matches one of ``targets`` with a site of ``kind``.
+    def attach(
+        self,
+        model: nn.Module,
+        kind: str,
+        targets: Optional[Sequence[str]] = None,
+        *,
+        select: int = 0,
+        select_seed: int = 0,
+        **kind_options,
+    ) -> List[str]:
+        """Put a site of ``kind`` at every module of ``model`` that the kind applies to and ``targets`` match.
 
         Args:
             model: the backbone (a Hugging Face model for default targets).
-            kind: a registered delta kind ("lora", "adapter", "parallel_adapter", "bitfit").
-            targets: regexes, each matching a dotted suffix of module names; None or empty: the kind's defaults
-                for ``model.config.model_type``.
+            kind: a registered delta kind (see ``continual.modules.DELTA_KINDS``).
+            targets: regexes, each matching a dotted suffix of module names (``{last}`` stands for the index of
+                the last layer); None or empty: the kind's defaults for ``model.config.model_type``. Kinds that
+                wrap the input embedding (prompt tuning) take no targets.
+            select: keep only this many of the matched modules, drawn at random with ``select_seed`` (selective
+                module tuning); 0 keeps all.
             **kind_options: the kind's options (e.g. ``r=8, alpha=16`` for LoRA).
 
         Returns:
             The names of the new sites, in model order.
 
         Raises:
-            ValueError: unknown kind or option, a pattern that matches no linear layer, or tasks already allocated.
+            ValueError: unknown kind or option, a pattern that matches nothing, a bad ``select``, a linear kind
+                stacked on a virtual-token site, or tasks already allocated.
         """
         cls = get_delta_kind(kind)
+        wraps = getattr(cls, "wraps", "linear")
         unknown = sorted(set(kind_options) - set(cls.options))
         if unknown:
             raise ValueError(f"{kind}: unknown option(s) {unknown}; it takes {list(cls.options) or 'none'}")
         if self.n_tasks:
             raise ValueError("attach every kind before the first task is added")
+        if select < 0:
+            raise ValueError(f"select must be >= 0, got {select}")
+
+        modules = dict(model.named_modules())
+        if wraps == "embedding":
+            if targets:
+                raise ValueError(f"{kind} sits on the input embedding and takes no targets (got {list(targets)})")
+            embedding = model.get_input_embeddings()
+            chosen = [name for name, module in modules.items() if module is embedding]
+            candidates = chosen
+        else:
+            chosen, candidates = self._match(model, modules, cls, wraps, targets)
+        if select:
+            if select > len(chosen):
+                raise ValueError(f"select={select} but only {len(chosen)} modules match for {kind}")
+            picked = set(random.Random(select_seed).sample(chosen, select))
+            chosen = [name for name in chosen if name in picked]
+
+        ours = {id(site) for site in self._sites.values()}
+        virtual = bool(getattr(cls, "virtual_tokens", False))
+        group = len(self._token_groups) if virtual else None
+        for index, name in enumerate(chosen):
+            parent_name, _, child = name.rpartition(".")
+            base = modules[name]
+            if isinstance(base, TaskModuleSite) and getattr(base.delta, "virtual_tokens", False):
+                raise ValueError(
+                    f"{kind} cannot wrap {name!r}: it already holds {base.delta.kind} virtual tokens; attach "
+                    "prompt/prefix kinds after every other kind"
+                )
+            options = dict(kind_options)
+            if "seed" in cls.options:  # kinds with fixed random tensors: a distinct, reproducible seed per site
+                options["seed"] = int(kind_options.get("seed", 0)) * 1_000_003 + index
+            if wraps == "linear":
+                in_features, out_features, _ = _linear_dims(base)
+                delta = cls(in_features, out_features, **options)
+            else:
+                delta = cls.from_base(base, **options)
+            if virtual:
+                delta.group = group
+            site = TaskModuleSite(base, delta, self.routing, kind_options)
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, site)
+            ours.add(id(site))
+        if virtual:
+            self._token_groups.append((group, kind))
+        # Re-read every site's name: a site wrapped by a new one now lives at "<name>.base".
+        self._sites = {n: m for n, m in model.named_modules() if id(m) in ours}
+        return chosen
+
+    @staticmethod
+    def _match(model, modules, cls, wraps, targets) -> Tuple[List[str], List[str]]:
+        """Names of the modules (in model order) matched by ``targets``, and the candidates they came from."""
         if not targets:
             targets = [cls.default_targets[architecture_family(model)]]
+        if any("{last}" in target for target in targets):
+            last = str(_last_layer_index(model))
+            targets = [target.replace("{last}", last) for target in targets]
         compiled = []
         for target in targets:
             try:  # a target names a dotted suffix: "attention.self.query" matches "encoder.layer.0.attention.self.query"
                 compiled.append((target, re.compile(rf"(?:^|\.)(?:{target})$")))
             except re.error as err:
                 raise ValueError(f"target {target!r} is not a valid regex: {err}") from None
-
-        modules = dict(model.named_modules())
-        # A site's wrapped layer is not a candidate again; the site itself is (kinds stack).
+        # Nothing inside a site is a candidate again (its wrapped module, its deltas); the site itself is
+        # (kinds stack).
+        inside = tuple(name + "." for name, module in modules.items() if isinstance(module, TaskModuleSite))
+        wanted = _is_linear if wraps == "linear" else (lambda module: True)
         candidates = [
-            name for name, module in modules.items()
-            if name and _is_linear(module) and not isinstance(modules[name.rpartition(".")[0]], TaskModuleSite)
+            name for name, module in modules.items() if name and not name.startswith(inside) and wanted(module)
         ]
         chosen: List[str] = []
         for target, pattern in compiled:
             hits = [name for name in candidates if pattern.search(name)]
             if not hits:
+                what = "linear layer" if wraps == "linear" else "module"
                 raise ValueError(
-                    f"target {target!r} matches no linear layer of {type(model).__name__}; some that exist: "
+                    f"target {target!r} matches no {what} of {type(model).__name__}; some that exist: "
                     f"{', '.join(candidates[:8]) or '(none)'}"
                 )
             chosen.extend(name for name in hits if name not in chosen)
         chosen.sort(key=candidates.index)
-
-        ours = {id(site) for site in self._sites.values()}
-        for name in chosen:
-            parent_name, _, child = name.rpartition(".")
-            base = modules[name]
-            in_features, out_features, _ = _linear_dims(base)
-            site = TaskModuleSite(base, cls(in_features, out_features, **kind_options), self.routing, kind_options)
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, site)
-            ours.add(id(site))
-        # Re-read every site's name: a site wrapped by a new one now lives at "<name>.base".
-        self._sites = {n: m for n, m in model.named_modules() if id(m) in ours}
-        return chosen
+        return chosen, candidates
 
     # ------------------------------------------------------------------ tasks
     def add_task(self, task_index: int) -> None:
@@ -350,32 +457,54 @@ class ModuleBank:
         if not 0 <= task_index < self.n_tasks:
             raise ValueError(f"task {task_index} has no modules (allocated: {self.n_tasks})")
 
-    def _task_named_parameters(self, task_index: int) -> Dict[str, nn.Parameter]:
+    def _task_named_parameters(self, task_index: int, kind: Optional[str] = None) -> Dict[str, nn.Parameter]:
         self._check_task(task_index)
+        if kind is not None and kind not in self.kinds():
+            raise ValueError(f"no {kind!r} sites in this bank (kinds: {', '.join(self.kinds())})")
         return {
             f"{name}.{role}": param
             for name, site in self._sites.items()
+            if kind is None or site.delta.kind == kind
             for role, param in site.delta.slot_parameters(task_index).items()
         }
 
-    def task_parameters(self, task_index: int) -> List[nn.Parameter]:
-        """The parameters of one task's modules at every site."""
-        return list(self._task_named_parameters(task_index).values())
+    def kinds(self) -> List[str]:
+        """The kinds attached, in attach order."""
+        out: List[str] = []
+        for site in self._sites.values():
+            if site.delta.kind not in out:
+                out.append(site.delta.kind)
+        return out
 
-    def freeze_task(self, task_index: int) -> None:
-        """Stop ``task_index``'s modules from training (requires_grad False)."""
-        for param in self.task_parameters(task_index):
-            param.requires_grad_(False)
-        self.frozen.add(task_index)
+    def task_parameters(self, task_index: int, kind: Optional[str] = None) -> List[nn.Parameter]:
+        """The parameters of one task's modules at every site (of one kind only when ``kind`` is given)."""
+        return list(self._task_named_parameters(task_index, kind).values())
+
+    def freeze_task(self, task_index: int, kind: Optional[str] = None) -> None:
+        """Stop ``task_index``'s modules (of one kind, or all) from training; kinds that train through a
+        reparameterisation fold it here, so a frozen task holds only what it stores."""
+        self._check_task(task_index)
+        for site in self._sites.values():
+            if kind is None or site.delta.kind == kind:
+                if hasattr(site.delta, "freeze_slot"):
+                    site.delta.freeze_slot(task_index)
+                for param in site.delta.slot_parameters(task_index).values():
+                    param.requires_grad_(False)
+        if kind is None:
+            self.frozen.add(task_index)
 
     def task_state(self, task_index: int) -> Dict[str, torch.Tensor]:
         """One task's tensors only, keyed ``"<site>.<role>"`` (e.g. ``"encoder.layer.0.attention.self.query.lora_A"``)."""
         return {key: param.detach() for key, param in self._task_named_parameters(task_index).items()}
 
     def load_task_state(self, task_index: int, state: Dict[str, torch.Tensor]) -> None:
-        """Inverse of :meth:`task_state`; allocates the task first when it is the next one."""
+        """Inverse of :meth:`task_state` for a stored (frozen) task; allocates it first when it is the next one.
+
+        The task is frozen before loading, so its modules have the structure that was stored.
+        """
         if task_index == self.n_tasks:
             self.add_task(task_index)
+        self.freeze_task(task_index)
         params = self._task_named_parameters(task_index)
         missing, unexpected = sorted(set(params) - set(state)), sorted(set(state) - set(params))
         if missing or unexpected:
@@ -385,6 +514,51 @@ class ModuleBank:
                 if state[key].shape != param.shape:
                     raise ValueError(f"{key}: shape {tuple(state[key].shape)} does not match {tuple(param.shape)}")
                 param.copy_(state[key])
+
+    def prepare_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], int]:
+        """Prepend the virtual positions of prompt/prefix kinds to a right-padded batch (inside :meth:`route`).
+
+        Every virtual-token kind owns a block of positions: with an exclusive routing one block of ``P`` positions
+        holding each sample's own slot, otherwise ``K`` blocks of ``P`` (one per slot) that a sample sees only
+        where its slot weight is non-zero (sequential composition: the prompts of tasks ``<= j``, as in
+        Progressive Prompts). Virtual positions take position id 0 and real tokens keep ``0..T-1``, so a sample
+        whose virtual positions are all masked gets exactly the backbone's output.
+
+        Args:
+            input_ids: ``[B, T]``.
+            attention_mask: ``[B, T]``.
+
+        Returns:
+            ``(input_ids [B, V+T], attention_mask [B, V+T], position_ids [B, V+T] or None, V)``; with no
+            virtual-token kind, the inputs unchanged, None and 0.
+        """
+        if not self._token_groups or self.n_tasks == 0:
+            return input_ids, attention_mask, None, 0
+        weights = self.routing.weights(self.n_tasks)  # [B, K]
+        B, T = input_ids.shape
+        exclusive = self.routing.exclusive
+        spans, masks, offset = {}, [], 0
+        for group, _ in self._token_groups:
+            site = next(site for site in self._sites.values() if getattr(site.delta, "group", None) == group)
+            P = site.delta.tokens_per_slot
+            if exclusive:
+                visible = (weights != 0).any(dim=1, keepdim=True).expand(B, P)
+            else:
+                visible = (weights != 0).repeat_interleave(P, dim=1)  # [B, K*P]
+            spans[group] = (offset, visible.shape[1])
+            offset += visible.shape[1]
+            masks.append(visible)
+        self.routing.virtual = spans
+        V = offset
+        device = input_ids.device
+        ids = torch.cat([input_ids.new_zeros(B, V), input_ids], dim=1)
+        mask = torch.cat([torch.cat(masks, dim=1).to(attention_mask.dtype), attention_mask], dim=1)
+        positions = torch.cat(
+            [torch.zeros(B, V, dtype=torch.long, device=device), torch.arange(T, device=device).expand(B, T)], dim=1
+        )
+        return ids, mask, positions, V
 
     # ------------------------------------------------------------------ use
     def route(self, task_ids: torch.Tensor):

@@ -32,6 +32,16 @@ class TaskDelta(Protocol):
     # Whether one task's delta can be folded into the wrapped linear's weight and bias (see ``weight_delta``).
     mergeable: ClassVar[bool]
 
+    # Optional class attributes, read with defaults by the bank:
+    #   wraps: "linear" (default: sites on linears, built as ``Kind(in_features, out_features, **options)``),
+    #          "embedding" (one site on the input token embedding) or "module" (any block matched by the
+    #          targets); both built as ``Kind.from_base(module, **options)``.
+    #   virtual_tokens: True for kinds that add positions to the sequence (prompt and prefix tuning). Each slot
+    #          owns ``tokens_per_slot`` virtual positions that the bank prepends to the input; the kind's
+    #          ``place(h, weights, span, exclusive)`` writes its slots' vectors there and returns the whole output.
+    #   identity_at_init: False for kinds whose new slot changes outputs (virtual tokens add attention mass).
+    #   freeze_slot(slot): called when a task is frozen (e.g. fold a reparameterisation into plain vectors).
+
     @property
     def n_slots(self) -> int:
         """Number of tasks allocated so far."""
