@@ -59,6 +59,9 @@ class DeltaConfig(StrategyConfig):
     # Intrinsic subspace: trainable dimensions per site (the projection is fixed and random, from `seed`).
     intrinsic_dim: int = 32
     seed: int = 0
+    # Train every task's deltas together on mixed batches of all tasks (the upper bound of simultaneous
+    # composition; one accuracy row).
+    joint: bool = False
 
 
 class DeltaStrategy(BaseStrategy):
@@ -85,6 +88,7 @@ class DeltaStrategy(BaseStrategy):
         prefix_reparam: int = 0,
         intrinsic_dim: int = 32,
         seed: int = 0,
+        joint: bool = False,
     ):
         kinds, targets = list(kinds), list(targets)
         kind_targets = {k: list(v) for k, v in (kind_targets or {}).items()}
@@ -123,6 +127,9 @@ class DeltaStrategy(BaseStrategy):
         self.stage_order = kinds  # the user's order: the stages of within_task=sequential
         self.composition, self.within_task, self.targets, self.kind_targets = composition, within_task, targets, kind_targets
         self.select, self.select_seed = select, select_seed
+        self.trains_jointly = bool(joint)
+        if joint and within_task == "sequential":
+            raise ValueError("strategy.within_task=sequential trains kinds in stages per task; it cannot be joint")
         self.kind_option_values = {
             "lora": {"r": rank, "alpha": alpha},
             "prompt": {"tokens": prompt_tokens, "init": prompt_init, "seed": seed},
@@ -164,7 +171,9 @@ class DeltaStrategy(BaseStrategy):
     def trainable_parameters(self, model: nn.Module, task: TaskInfo, stage: Optional[int] = None) -> List[nn.Parameter]:
         """The task's deltas (of the stage's kind only, when the task trains in stages) and its head."""
         kind = None if stage is None else self.stage_order[stage]
-        return model.bank.task_parameters(task.index, kind) + model.heads.parameters_for(task.index)
+        tasks = self.tasks if self.trains_jointly else [task]
+        params = [p for t in tasks for p in model.bank.task_parameters(t.index, kind) + model.heads.parameters_for(t.index)]
+        return list({id(p): p for p in params}.values())
 
     def after_stage(self, model: nn.Module, task: TaskInfo, stage: int) -> None:
         model.bank.freeze_task(task.index, self.stage_order[stage])
