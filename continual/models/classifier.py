@@ -67,12 +67,14 @@ class TaskHeads(nn.Module):
             if bool(self.active.any()):
                 logits = logits.masked_fill(~self.active, float("-inf"))
             return logits
-        out = features.new_full((features.shape[0], self.width), float("-inf"))
-        for task in task_labels.unique().tolist():
-            rows = (task_labels == task).nonzero(as_tuple=True)[0]
-            head = self.heads[task]
-            out[rows, : head.out_features] = head(features[rows])
-        return out
+        # Every task's head padded to the widest one ([T, C, H] weights, -inf bias on padding), gathered per sample:
+        # one batched product whatever the number of tasks in the batch, no host sync.
+        weights = torch.stack([nn.functional.pad(h.weight, (0, 0, 0, self.width - h.out_features)) for h in self.heads])
+        biases = torch.stack([
+            nn.functional.pad(h.bias, (0, self.width - h.out_features), value=float("-inf")) for h in self.heads
+        ])
+        task_labels = task_labels.to(features.device).long()
+        return torch.einsum("bh,bch->bc", features, weights[task_labels]) + biases[task_labels]
 
 
 class ContinualClassifier(MultiTaskModule):

@@ -151,6 +151,24 @@ class Routing:
             self._weights[n_slots] = self.router.weights(self.task_ids, n_slots)
         return self._weights[n_slots]
 
+    def single_slot(self, n_slots: int) -> Optional[int]:
+        """The slot when every sample of the batch uses exactly that one slot with weight 1, else None.
+
+        The usual training batch (one task) takes this path: sites then run one slot's modules directly, with no
+        gathering or mixing. Computed once per forward (one device sync), shared by every site.
+        """
+        key = -n_slots - 1  # cached next to the weights, under a key no slot count uses
+        if key not in self._weights:
+            weights = self.weights(n_slots)
+            single = None
+            if weights.shape[0] and bool((weights == weights[:1]).all()):
+                row = weights[0]
+                nonzero = row.nonzero()
+                if nonzero.numel() == 1 and float(row[nonzero[0, 0]]) == 1.0:
+                    single = int(nonzero[0, 0])
+            self._weights[key] = single
+        return self._weights[key]
+
     def span(self, group: int) -> Tuple[int, int]:
         """(first position, count) of a virtual-token group in the current sequence."""
         if group not in self.virtual:
@@ -272,6 +290,10 @@ class TaskModuleSite(nn.Module):
             return self.delta.place(h, weights, self.routing.span(self.delta.group), self.routing.exclusive)
         if getattr(self.delta, "wraps", "linear") != "linear":
             return h + self.delta(x, h, weights, self.routing.exclusive)
+        if hasattr(self.delta, "forward_slot"):
+            slot = self.routing.single_slot(n_slots)
+            if slot is not None:  # the whole batch is one task: that slot's modules, no gather or mix
+                return h + self.delta.forward_slot(x, h, slot)
         B = x.shape[0]
         x3, h3 = x.reshape(B, -1, x.shape[-1]), h.reshape(B, -1, h.shape[-1])  # [B, T, in], [B, T, out]
         change = self.delta(x3, h3, weights, self.routing.exclusive)

@@ -426,3 +426,24 @@ def test_delta_run_keeps_the_backbone_bit_identical(tiny_experiment, tmp_path, m
     assert all(k.startswith("deltas.") or k.startswith("heads.heads.0.") for k in state)
     assert entry["parameters"] == model.bank.parameter_count(0) + sum(p.numel() for p in model.heads.parameters_for(0))
     assert entry["strategy"] == "delta"
+
+
+@pytest.mark.parametrize("kind", sorted(k for k in KINDS if hasattr(DELTA_KINDS[k], "forward_slot")))
+def test_one_task_batch_fast_path_equals_the_reference(kind):
+    """A batch that is all one task runs that slot's modules directly (no gather); same numbers as the formula."""
+    torch.manual_seed(0)
+    linear = nn.Linear(6, 5)
+    bank = ModuleBank("isolated")
+    bank.attach(nn.ModuleDict({"proj": linear}), kind, ["proj"])
+    site = bank.sites()["proj"]
+    for t in range(3):
+        bank.add_task(t)
+    perturb(bank, range(3))
+    x = torch.randn(4, 7, 6)
+    with torch.no_grad(), bank.route(torch.full((4,), 1)):
+        assert bank.routing.single_slot(3) == 1
+        out, h = site(x), linear(x)
+    for b in range(4):
+        torch.testing.assert_close(out[b], h[b] + REFERENCE[kind](site.delta, 1, x[b], h[b]), atol=1e-5, rtol=1e-4)
+    with bank.route(torch.tensor([1, 1, 0, 1])):
+        assert bank.routing.single_slot(3) is None

@@ -95,6 +95,11 @@ class AdapterDelta(nn.Module):
             up_bias=torch.stack(tuple(self.up_bias)),
         )
 
+    def forward_slot(self, x: torch.Tensor, h: torch.Tensor, slot: int) -> torch.Tensor:
+        u = x if self.reads_input else h
+        z = ACTIVATIONS[self.activation](u @ self.down[slot].T + self.down_bias[slot])
+        return self.scale * (z @ self.up[slot].T + self.up_bias[slot])
+
     def weight_delta(self, weights: torch.Tensor):
         raise ValueError(f"{self.kind} deltas cannot be merged into the base weights: the adapter is non-linear")
 

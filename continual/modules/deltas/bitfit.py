@@ -56,6 +56,9 @@ class BitFitDelta(nn.Module):
         offsets = torch.stack(tuple(self.offset))  # [K, out]
         return (weights.to(offsets.dtype) @ offsets)[:, None, :]
 
+    def forward_slot(self, x: torch.Tensor, h: torch.Tensor, slot: int) -> torch.Tensor:
+        return self.offset[slot]
+
     def weight_delta(self, weights: torch.Tensor):
         """weights: [K] -> (None, db [out])."""
         offsets = torch.stack(tuple(self.offset))

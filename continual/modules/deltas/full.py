@@ -66,6 +66,9 @@ class SelectiveDelta(nn.Module):
         W_mix = torch.einsum("bk,koi->boi", weights, W)  # [B, out, in]
         return torch.bmm(x, W_mix.transpose(1, 2)) + (weights @ b)[:, None, :]
 
+    def forward_slot(self, x: torch.Tensor, h: torch.Tensor, slot: int) -> torch.Tensor:
+        return x @ self.weight[slot].T + self.bias[slot]
+
     def weight_delta(self, weights: torch.Tensor):
         """weights: [K] -> (dW [out, in], db [out])."""
         w = weights.to(self.weight[0].dtype)

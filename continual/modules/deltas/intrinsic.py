@@ -66,6 +66,9 @@ class IntrinsicDelta(nn.Module):
         mixed = weights.to(Z.dtype) @ Z  # [B, d]
         return ((x @ self.proj_in) * mixed[:, None, :]) @ self.proj_out.T
 
+    def forward_slot(self, x: torch.Tensor, h: torch.Tensor, slot: int) -> torch.Tensor:
+        return ((x @ self.proj_in) * self.z[slot]) @ self.proj_out.T
+
     def weight_delta(self, weights: torch.Tensor):
         """weights: [K] -> (dW [out, in], None)."""
         mixed = weights.to(self.proj_in.dtype) @ torch.stack(tuple(self.z))  # [d]

@@ -71,6 +71,9 @@ class LoRADelta(nn.Module):
         A, B = torch.stack(tuple(self.lora_A)), torch.stack(tuple(self.lora_B))  # [K, r, in], [K, out, r]
         return self.scale * mixed_bottleneck(self.dropout(x), A, B, weights, exclusive=exclusive)
 
+    def forward_slot(self, x: torch.Tensor, h: torch.Tensor, slot: int) -> torch.Tensor:
+        return self.scale * ((self.dropout(x) @ self.lora_A[slot].T) @ self.lora_B[slot].T)
+
     def weight_delta(self, weights: torch.Tensor):
         """weights: [K] -> (dW [out, in], None)."""
         A, B = torch.stack(tuple(self.lora_A)), torch.stack(tuple(self.lora_B))

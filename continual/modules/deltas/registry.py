@@ -41,6 +41,8 @@ class TaskDelta(Protocol):
     #          ``place(h, weights, span, exclusive)`` writes its slots' vectors there and returns the whole output.
     #   identity_at_init: False for kinds whose new slot changes outputs (virtual tokens add attention mass).
     #   freeze_slot(slot): called when a task is frozen (e.g. fold a reparameterisation into plain vectors).
+    #   forward_slot(x, h, slot): the change made by one slot for a batch that is all one task (x: [..., in],
+    #          h: [..., out]); equal to ``forward`` with a one-hot weight row, without gathering or stacking.
 
     @property
     def n_slots(self) -> int:
