@@ -46,7 +46,7 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
     from continual.expansion import resolve_device
     from continual.learner import ContinualLearner
     from continual.metrics import summarize
-    from continual.models.backbone import load_backbone
+    from continual.models.backbone import load_backbone, load_causal_lm
     from continual.models.classifier import ContinualClassifier
     from continual.report import format_table
     from continual.resources import ResourceMonitor
@@ -60,7 +60,9 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
     seed_everything(cfg.seed)
     device = resolve_device(cfg.training.device)
     strategy = build_strategy(cfg.strategy)  # fail on bad strategy options before loading anything heavy
-    backbone, tokenizer = load_backbone(
+    # A strategy may ask for a causal LM and build its own model (TinT); the default is an encoder classifier.
+    load = load_causal_lm if getattr(strategy, "backbone_kind", "encoder") == "causal_lm" else load_backbone
+    backbone, tokenizer = load(
         cfg.backbone.name,
         random_init=cfg.backbone.random_init,
         config_overrides=dict(cfg.backbone.config_overrides),
@@ -68,7 +70,10 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
     )
     stream = build_stream(cfg.stream, tokenizer, progress=cfg.training.progress)
     tasks = stream.task_infos
-    model = ContinualClassifier(backbone, [t.labels for t in tasks], head=cfg.backbone.head, pooling=cfg.backbone.pooling)
+    build_model = getattr(strategy, "build_model", None)
+    model = build_model(backbone, tokenizer, stream, cfg.backbone) if build_model is not None else None
+    if model is None:
+        model = ContinualClassifier(backbone, [t.labels for t in tasks], head=cfg.backbone.head, pooling=cfg.backbone.pooling)
     strategy.setup(model, tasks)
     benchmark = to_avalanche_benchmark(stream, model.heads.target_index)
     train_exps, test_exps = list(benchmark.train_stream), list(benchmark.test_stream)

@@ -1,0 +1,218 @@
+"""Where TinT's one-step update acts inside a Hugging Face causal LM, per architecture.
+
+TinT (Panigrahi et al. 2023, "Trainable Transformer in Transformer", arXiv 2307.01189) back-propagates through the
+top ``n`` blocks only and updates their value, output-projection and MLP weights and their layer-norm biases; query
+and key projections are never updated and the embeddings stay fixed. A *layout* answers, for one architecture
+family, which blocks there are and, in each block, which tensors (or which slice of a fused tensor) may change,
+which modules are normalisations and which are elementwise activations. One :func:`register_layout` call per family;
+``config.model_type`` picks the layout.
+
+Supported: GPT-2 (``gpt2``) and Llama (``llama``, which covers SmolLM2). Another family (ModuleFormer, Qwen2...)
+plugs in with one more registration here and, if its attention differs, in :mod:`.attention`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Protocol, Sequence, Tuple
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class UpdateSite:
+    """One tensor (or a slice of it) that the one-step update may change.
+
+    Attributes:
+        name: the parameter's dotted name in the model (plus the slice, for fused tensors).
+        param: the parameter itself.
+        index: a tuple of slices selecting the updated part of ``param``; ``None`` for all of it.
+    """
+
+    name: str
+    param: nn.Parameter
+    index: Optional[Tuple[slice, ...]] = None
+
+    def part(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The updated part of a tensor shaped like ``param`` (a view)."""
+        return tensor if self.index is None else tensor[self.index]
+
+    @property
+    def numel(self) -> int:
+        return self.part(self.param).numel()
+
+
+@dataclass(frozen=True)
+class NormSite:
+    """A normalisation module and how it normalises (its affine part is applied after).
+
+    Attributes:
+        module: the norm module (its forward is replaced while first-order backward is on).
+        kind: ``"layernorm"`` (``(x - mean) / sqrt(var + eps)``) or ``"rmsnorm"`` (``x / sqrt(mean(x^2) + eps)``).
+        eps: the epsilon inside the square root.
+    """
+
+    module: nn.Module
+    kind: str
+    eps: float
+
+
+@dataclass(frozen=True)
+class BlockSites:
+    """What the update touches in one transformer block."""
+
+    update: List[UpdateSite]  # value / output / MLP weights and biases, norm biases
+    norms: List[NormSite]  # normalisations inside the block
+    activations: List[nn.Module]  # elementwise activation modules inside the block
+
+
+class CausalLMLayout(Protocol):
+    """One architecture family's answers to "where does the update act"."""
+
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        """The transformer blocks, bottom to top."""
+
+    def block_sites(self, model: nn.Module, index: int) -> BlockSites:
+        """The update sites, norms and activations of block ``index``."""
+
+    def final_norm(self, model: nn.Module) -> NormSite:
+        """The normalisation after the last block (before the LM head)."""
+
+    def final_norm_sites(self, model: nn.Module) -> List[UpdateSite]:
+        """The final norm's updatable tensors (its bias, if it has one)."""
+
+
+# name -> layout; filled by ``register_layout`` below, nowhere else.
+LAYOUTS: Dict[str, CausalLMLayout] = {}
+
+
+def register_layout(model_types: Sequence[str], layout: CausalLMLayout) -> None:
+    """Serve every ``config.model_type`` in ``model_types`` with ``layout``."""
+    for model_type in model_types:
+        if model_type in LAYOUTS and LAYOUTS[model_type] is not layout:
+            raise ValueError(f"a TinT layout for model_type {model_type!r} is already registered")
+        LAYOUTS[model_type] = layout
+
+
+def layout_for(model: nn.Module) -> CausalLMLayout:
+    """The layout of ``model`` (a Hugging Face ``*ForCausalLM``); ValueError naming the supported families."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in LAYOUTS:
+        raise ValueError(
+            f"TinT one-step fine-tuning does not know where to act in a model of type {model_type!r}; supported "
+            f"model types: {', '.join(sorted(LAYOUTS))} (register a layout with "
+            "continual.models.tint.layouts.register_layout)"
+        )
+    return LAYOUTS[model_type]
+
+
+def _linear_sites(prefix: str, module: nn.Module) -> List[UpdateSite]:
+    sites = [UpdateSite(f"{prefix}.weight", module.weight)]
+    if getattr(module, "bias", None) is not None:
+        sites.append(UpdateSite(f"{prefix}.bias", module.bias))
+    return sites
+
+
+def _norm_bias(prefix: str, module: nn.Module) -> List[UpdateSite]:
+    bias = getattr(module, "bias", None)
+    return [UpdateSite(f"{prefix}.bias", bias)] if isinstance(bias, nn.Parameter) else []
+
+
+class GPT2Layout:
+    """GPT-2: ``transformer.h[i]`` blocks; ``attn.c_attn`` is a fused Conv1D (weight ``[in, 3d]``: q | k | v), so
+    only its value third is updated; ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj`` in full; ``ln_1``/``ln_2``
+    biases; ``transformer.ln_f`` is the final norm."""
+
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        return model.transformer.h
+
+    def block_sites(self, model: nn.Module, index: int) -> BlockSites:
+        block = model.transformer.h[index]
+        prefix = f"transformer.h.{index}"
+        d = model.config.hidden_size
+        c_attn = block.attn.c_attn
+        value = [UpdateSite(f"{prefix}.attn.c_attn.weight[:, {2 * d}:]", c_attn.weight, (slice(None), slice(2 * d, 3 * d)))]
+        value.append(UpdateSite(f"{prefix}.attn.c_attn.bias[{2 * d}:]", c_attn.bias, (slice(2 * d, 3 * d),)))
+        update = (
+            value
+            + _linear_sites(f"{prefix}.attn.c_proj", block.attn.c_proj)
+            + _linear_sites(f"{prefix}.mlp.c_fc", block.mlp.c_fc)
+            + _linear_sites(f"{prefix}.mlp.c_proj", block.mlp.c_proj)
+            + _norm_bias(f"{prefix}.ln_1", block.ln_1)
+            + _norm_bias(f"{prefix}.ln_2", block.ln_2)
+        )
+        norms = [NormSite(block.ln_1, "layernorm", block.ln_1.eps), NormSite(block.ln_2, "layernorm", block.ln_2.eps)]
+        return BlockSites(update=update, norms=norms, activations=[block.mlp.act])
+
+    def final_norm(self, model: nn.Module) -> NormSite:
+        ln_f = model.transformer.ln_f
+        return NormSite(ln_f, "layernorm", ln_f.eps)
+
+    def final_norm_sites(self, model: nn.Module) -> List[UpdateSite]:
+        return _norm_bias("transformer.ln_f", model.transformer.ln_f)
+
+
+class LlamaLayout:
+    """Llama family: ``model.layers[i]`` blocks; ``self_attn.v_proj``/``o_proj`` and ``mlp.gate_proj``/``up_proj``/
+    ``down_proj`` (with their biases when the config has them); RMS norms have no bias, so no norm tensor changes;
+    ``model.norm`` is the final norm."""
+
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        return model.model.layers
+
+    def block_sites(self, model: nn.Module, index: int) -> BlockSites:
+        block = model.model.layers[index]
+        prefix = f"model.layers.{index}"
+        update: List[UpdateSite] = []
+        for name in ("self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            update += _linear_sites(f"{prefix}.{name}", block.get_submodule(name))
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            update += _norm_bias(f"{prefix}.{name}", block.get_submodule(name))
+        norms = [_rms(block.input_layernorm), _rms(block.post_attention_layernorm)]
+        return BlockSites(update=update, norms=norms, activations=[block.mlp.act_fn])
+
+    def final_norm(self, model: nn.Module) -> NormSite:
+        return _rms(model.model.norm)
+
+    def final_norm_sites(self, model: nn.Module) -> List[UpdateSite]:
+        return _norm_bias("model.norm", model.model.norm)
+
+
+def _rms(module: nn.Module) -> NormSite:
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    if eps is None:
+        raise ValueError(f"{type(module).__name__} does not expose its epsilon (variance_epsilon or eps)")
+    return NormSite(module, "rmsnorm", float(eps))
+
+
+register_layout(["gpt2"], GPT2Layout())
+register_layout(["llama"], LlamaLayout())
+
+
+# ---------------------------------------------------------------------------------------------------- selection
+def resolve_layers(model: nn.Module, layers: Optional[int]) -> List[int]:
+    """Indices of the top ``layers`` blocks (all of them for ``None``), bottom to top.
+
+    Raises:
+        ValueError: ``layers`` is not in ``1..number of blocks``.
+    """
+    total = len(layout_for(model).blocks(model))
+    if layers is None:
+        return list(range(total))
+    if not 1 <= int(layers) <= total:
+        raise ValueError(f"layers={layers}: the model has {total} blocks, choose 1..{total} (or None for all)")
+    return list(range(total - int(layers), total))
+
+
+def update_sites(model: nn.Module, layers: Optional[int], final_norm: bool = True) -> List[UpdateSite]:
+    """Every tensor the one-step update may change: the sites of the top ``layers`` blocks, then (when
+    ``final_norm``) the final norm's bias."""
+    layout = layout_for(model)
+    sites: List[UpdateSite] = []
+    for index in resolve_layers(model, layers):
+        sites += layout.block_sites(model, index).update
+    if final_norm:
+        sites += layout.final_norm_sites(model)
+    return sites
+

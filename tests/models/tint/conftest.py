@@ -1,0 +1,97 @@
+"""Tiny random causal LMs (GPT-2 and Llama, 2 blocks, width 32) and a byte-level BPE tokenizer trained in
+milliseconds on real CL_Benchmark sentences, so prompts and label words behave as with a real GPT-2 tokenizer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one intra-op thread is many times faster than several fighting over shared CPU cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def train_bpe_tokenizer(texts, vocab_size: int = 1000):
+    """A GPT-2-style byte-level BPE (no special tokens added around texts; eos doubles as pad)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def make_bpe_tokenizer():
+    return train_bpe_tokenizer
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(cl_root):
+    texts = []
+    for task in ("SC/SST-2", "TC/agnews"):
+        rows = json.loads((cl_root / task / "train.json").read_text())[:300]
+        labels = json.loads((cl_root / task / "labels.json").read_text())
+        texts += [row["sentence"] for row in rows] + [" " + label for label in labels] * 50 + ["\nAnswer: Good\n\n"] * 50
+    return train_bpe_tokenizer(texts)
+
+
+def tiny_gpt2(vocab_size: int, dtype=torch.float32, seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        n_layer=2, n_embd=32, n_head=2, vocab_size=vocab_size, n_positions=1024, bos_token_id=0, eos_token_id=0
+    )
+    model = GPT2LMHeadModel(config).to(dtype).eval()
+    _spread_norms(model)
+    return model
+
+
+def tiny_llama(vocab_size: int, dtype=torch.float32, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    _spread_norms(model)
+    return model
+
+
+def _spread_norms(model) -> None:
+    """Random init sets norm weights to 1 and biases to 0; perturb them so that layer-norm terms are exercised."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ln" in name or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+
+
+@pytest.fixture
+def gpt2(bpe_tokenizer):
+    return tiny_gpt2(len(bpe_tokenizer))
+
+
+@pytest.fixture
+def llama(bpe_tokenizer):
+    return tiny_llama(len(bpe_tokenizer))
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def tiny_lm(request, bpe_tokenizer):
+    build = tiny_gpt2 if request.param == "gpt2" else tiny_llama
+    return build(len(bpe_tokenizer))
