@@ -1,4 +1,5 @@
-"""Command line: ``continual run CONFIG [key=value ...]`` and ``continual list``.
+"""Command line: ``continual run CONFIG [key=value ...]``, ``continual lm CONFIG [key=value ...]`` and
+``continual list``.
 
 Heavy libraries (torch, Avalanche, MLflow) are imported only by the commands that need them, so ``--help`` and
 ``list`` answer at once.
@@ -57,6 +58,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_uptrain(args: argparse.Namespace) -> int:
+    from continual.uptrain import load_uptrain_config, run_uptraining
+
+    config = None
+    if args.args and "=" not in args.args[0]:
+        config, args.args = _resolve_config(args.args[0]), args.args[1:]
+    run_uptraining(load_uptrain_config(config, overrides=args.args))
+    return 0
+
+
+def cmd_lm(args: argparse.Namespace) -> int:
+    from continual.lm import load_lm_config, run_continual_lm
+
+    run_continual_lm(load_lm_config(_resolve_config(args.config), overrides=args.overrides))
+    return 0
+
+
 def _known_errors() -> tuple:
     from continual.config import ConfigError
     from continual.models.backbone import BackboneError
@@ -82,6 +100,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     run.add_argument("config", help="YAML file, or the name of a preset in configs/ (see `continual list`)")
     run.add_argument("overrides", nargs="*", help="e.g. training.lr=1e-4 strategy.name=ewc stream.order=2")
     run.set_defaults(func=cmd_run)
+    up = sub.add_parser("uptrain", help="convert a model to a recursive one, uptrain it on text and save it")
+    up.add_argument("args", nargs="*", help="[CONFIG.yaml] then key=value overrides, e.g. training.steps=100")
+    up.set_defaults(func=cmd_uptrain)
+    lm = sub.add_parser("lm", help="continual language modelling on a stream of text domains (experts or dense)")
+    lm.add_argument("config", help="YAML file (e.g. configs/lm/moduleformer_experts.yaml) or a preset name")
+    lm.add_argument("overrides", nargs="*", help="e.g. expansion.mode=dense training.steps_per_domain=50")
+    lm.set_defaults(func=cmd_lm)
     lst = sub.add_parser("list", help="list named streams, strategies and presets")
     lst.set_defaults(func=cmd_list)
     args = parser.parse_args(argv)

@@ -19,7 +19,6 @@ from torch import nn
 from continual.config import StrategyConfig
 from continual.expansion import BaseStrategy, TaskInfo
 from continual.models.tint.attention import check_supported
-from continual.models.tint.classifier import TinTClassifier
 from continual.models.tint.label_words import label_word_ids
 from continual.models.tint.layouts import resolve_layers
 from continual.models.tint.one_step import InnerStep
@@ -104,6 +103,8 @@ class TinT(BaseStrategy):
 
     # ------------------------------------------------------------------ model
     def build_model(self, backbone: nn.Module, tokenizer, stream, backbone_cfg) -> nn.Module:
+        from continual.models.tint.classifier import TinTClassifier  # Avalanche: only when a run builds it
+
         check_supported(backbone)  # fail before any evaluation: unsupported architecture, too many layers
         try:
             resolve_layers(backbone, self.step.layers)

@@ -11,7 +11,6 @@ Transformer", arXiv 2307.01189).
 """
 
 from continual.models.tint.attention import DETACHED, detached_attention, detached_eager_attention
-from continual.models.tint.classifier import LabelWordHeads, TinTClassifier, label_logprobs
 from continual.models.tint.first_order import first_order_backward, first_order_vjp
 from continual.models.tint.label_words import LabelWordError, label_word_ids
 from continual.models.tint.layouts import LAYOUTS, UpdateSite, layout_for, register_layout, update_sites
@@ -47,3 +46,13 @@ __all__ = [
     "register_layout",
     "update_sites",
 ]
+
+
+def __getattr__(name: str):
+    # The classifier is an Avalanche MultiTaskModule: import Avalanche only when it is asked for, so that
+    # `continual list` (which imports every strategy) stays light.
+    if name in ("LabelWordHeads", "TinTClassifier", "label_logprobs"):
+        from continual.models.tint import classifier
+
+        return getattr(classifier, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,368 @@
+"""Uptraining recipe for recursive models (Bae et al. 2024, arXiv 2410.20672, section 3.3): convert a pretrained
+model, then train the shared blocks and the relaxation LoRA together for a short while on general text to recover
+the quality that tying removed.
+
+Reads setup -> train -> evaluate -> save. The text stream is CL_Benchmark sentences packed into blocks
+(``streams.text``); the objective is next-token prediction for causal LMs (``lm``), or, for any model (encoders
+included), matching the unconverted model's final hidden states (``distill``). Perplexity (or the distillation
+loss) on held-back blocks is measured for the original model, the converted one before training and after it;
+everything is tracked in MLflow and the result is written with ``save_recursive`` (loadable as a backbone for the
+``recursive`` strategy with ``strategy.pretrained=<folder>``).
+
+Run: ``continual uptrain [CONFIG.yaml] [key=value ...]`` (defaults: SmolLM2-135M halved, R=2).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torch import nn
+
+from continual.config import ConfigError, TrackingConfig, flatten, to_yaml
+from continual.models.recursive import RecursionConfig
+
+OBJECTIVES = ("lm", "distill")
+MODEL_KINDS = ("causal_lm", "encoder")
+
+
+# ---------------------------------------------------------------------------------------------------- config
+@dataclass
+class UptrainModelConfig:
+    # Short name ("smollm2", "minilm"), local folder or Hub id.
+    name: str = "smollm2"
+    # "causal_lm" (with its LM head; objective lm or distill) or "encoder" (objective distill only).
+    kind: str = "causal_lm"
+    # Random weights from the config (tests and smoke runs), with optional config overrides.
+    random_init: bool = False
+    config_overrides: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TextDataConfig:
+    # CL_Benchmark task folders whose sentences form the text stream.
+    tasks: List[str] = field(default_factory=lambda: ["agnews", "dbpedia", "amazon", "yahoo"])
+    # CL_Benchmark root; empty: $CONTINUAL_DATA.
+    data_root: Optional[str] = None
+    # Split files read per task.
+    splits: List[str] = field(default_factory=lambda: ["train"])
+    # Tokens per block.
+    block_size: int = 256
+    # Share of sentences held back for evaluation (split before packing).
+    heldout_fraction: float = 0.1
+    # Cap of sentences per task (None: all).
+    max_sentences: Optional[int] = None
+    seed: int = 0
+
+
+@dataclass
+class UptrainTrainingConfig:
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 2.0e-4
+    weight_decay: float = 0.0
+    # Linear warm-up steps, then linear decay to zero at `steps`.
+    warmup_steps: int = 30
+    # Gradient-norm clip (0 disables).
+    max_grad_norm: float = 1.0
+    # "lm": next-token loss (causal LMs); "distill": MSE to the unconverted model's final hidden states.
+    objective: str = "lm"
+    # lm only: weight of the mean next-token loss at the exits of loops 1..R-1 (trains early exit); 0 disables.
+    loop_loss_weight: float = 0.0
+    # Held-back blocks evaluated (None: all).
+    eval_blocks: Optional[int] = 200
+    eval_batch_size: int = 8
+    # Log the training loss every this many steps.
+    log_every: int = 10
+    # "cpu", "cuda", "cuda:0" or "auto".
+    device: str = "auto"
+    progress: bool = True
+
+
+@dataclass
+class UptrainConfig:
+    model: UptrainModelConfig = field(default_factory=UptrainModelConfig)
+    recursion: RecursionConfig = field(default_factory=lambda: RecursionConfig(init="average", rank=32))
+    data: TextDataConfig = field(default_factory=TextDataConfig)
+    training: UptrainTrainingConfig = field(default_factory=UptrainTrainingConfig)
+    tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="uptrain", output_dir="outputs/uptrain"))
+    seed: int = 0
+
+
+def load_uptrain_config(path: str | Path | None = None, overrides: Sequence[str] = (), extra: dict | None = None) -> DictConfig:
+    """A YAML file (optional), a dict and ``key=value`` overrides merged onto :class:`UptrainConfig` and checked.
+
+    Raises:
+        ConfigError: unknown key, wrong type or out-of-range value, naming the full key path.
+    """
+    layers = []
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            layers.append((str(path), OmegaConf.load(path)))
+        except Exception as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if extra:
+        layers.append(("<extra>", OmegaConf.create(extra)))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+    if overrides:
+        layers.append(("<command line>", OmegaConf.from_dotlist(list(overrides))))
+    cfg = OmegaConf.structured(UptrainConfig)
+    for source, layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as err:
+            key = getattr(err, "full_key", None)
+            raise ConfigError(f"{key}: {(getattr(err, 'msg', None) or str(err)).splitlines()[0]} (from {source})") from err
+    checks = [
+        ("model.kind", cfg.model.kind in MODEL_KINDS, f"one of {list(MODEL_KINDS)}"),
+        ("training.objective", cfg.training.objective in OBJECTIVES, f"one of {list(OBJECTIVES)}"),
+        ("training.objective", cfg.training.objective == "distill" or cfg.model.kind == "causal_lm",
+         "distill for model.kind=encoder (an encoder has no next-token head)"),
+        ("training.loop_loss_weight", cfg.training.loop_loss_weight == 0 or cfg.training.objective == "lm",
+         "0 unless training.objective=lm"),
+    ]
+    for key in ("training.steps", "training.batch_size", "training.eval_batch_size", "training.log_every", "data.block_size"):
+        checks.append((key, OmegaConf.select(cfg, key) >= 1, ">= 1"))
+    checks += [
+        ("training.lr", cfg.training.lr > 0, "> 0"),
+        ("training.warmup_steps", cfg.training.warmup_steps >= 0, ">= 0"),
+        ("training.loop_loss_weight", cfg.training.loop_loss_weight >= 0, ">= 0"),
+        ("training.eval_blocks", cfg.training.eval_blocks is None or cfg.training.eval_blocks >= 1, ">= 1 or null"),
+        ("data.heldout_fraction", 0 < cfg.data.heldout_fraction < 1, "in (0, 1)"),
+    ]
+    for key, ok, need in checks:
+        if not ok:
+            raise ConfigError(f"{key}: must be {need}, got {OmegaConf.select(cfg, key)!r}")
+    try:
+        RecursionConfig(**OmegaConf.to_container(cfg.recursion))
+    except ValueError as err:
+        raise ConfigError(f"recursion: {err}") from None
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------- math
+def lm_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``[B, T]`` blocks (every position predicts the next)."""
+    return model(input_ids=input_ids, labels=input_ids).loss
+
+
+def final_hidden(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, T, H]`` last hidden states (after the final norm for causal LMs)."""
+    return model(input_ids=input_ids, output_hidden_states=True).hidden_states[-1]
+
+
+def distill_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """MSE between the student's and the frozen teacher's final hidden states on ``[B, T]`` blocks."""
+    with torch.no_grad():
+        target = final_hidden(teacher, input_ids)
+    return F.mse_loss(final_hidden(student, input_ids).float(), target.float())
+
+
+def lm_loss_with_loop_exits(model: nn.Module, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token loss at the final exit and the mean one at the exits after loops ``1..R-1`` (CYCLE models).
+
+    The exit after loop ``r`` is the model's own final norm and LM head applied to the output of depth ``r K - 1``.
+    """
+    from continual.models.recursive import layout
+    from continual.models.recursive.families import base_model
+
+    lay = layout(model)
+    if lay.sharing != "cycle" or lay.num_loops < 2:
+        raise ValueError("loop exit losses need a CYCLE-shared model with at least 2 loops")
+    captured: List[torch.Tensor] = []
+    hook = lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out)
+    handles = [lay.layers[r * lay.num_blocks - 1].register_forward_hook(hook) for r in range(1, lay.num_loops)]
+    try:
+        final = lm_loss(model, input_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    norm, head = base_model(model, lay.family).norm, model.lm_head
+    losses = [
+        F.cross_entropy(head(norm(h[:, :-1])).flatten(0, 1).float(), input_ids[:, 1:].flatten()) for h in captured
+    ]
+    return final, torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, blocks: torch.Tensor, batch_size: int, device: torch.device, teacher: Optional[nn.Module] = None,
+    progress: bool = False,
+) -> float:
+    """Held-back perplexity (``teacher`` None) or mean distillation loss (``teacher`` given) over ``[N, T]`` blocks."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    total, weight = 0.0, 0
+    for start in tqdm(range(0, blocks.shape[0], batch_size), desc="evaluate", unit="batch", disable=not progress, leave=False):
+        batch = blocks[start:start + batch_size].to(device)
+        loss = lm_loss(model, batch) if teacher is None else distill_loss(model, teacher, batch)
+        total += float(loss.detach()) * batch.shape[0]
+        weight += batch.shape[0]
+    mean = total / max(weight, 1)
+    return math.exp(mean) if teacher is None else mean
+
+
+def uptrain(
+    model: nn.Module,
+    blocks: torch.Tensor,
+    steps: int,
+    batch_size: int = 8,
+    lr: float = 2e-4,
+    weight_decay: float = 0.0,
+    warmup_steps: int = 0,
+    max_grad_norm: float = 1.0,
+    teacher: Optional[nn.Module] = None,
+    loop_loss_weight: float = 0.0,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+    on_log: Optional[Callable[[int, Dict[str, float]], None]] = None,
+    log_every: int = 10,
+) -> List[float]:
+    """Train every parameter of ``model`` (shared blocks, relaxation, embeddings) with AdamW for ``steps`` steps.
+
+    Args:
+        blocks: ``[N, T]`` training token blocks, sampled in a seeded random order, reshuffled each pass.
+        teacher: distil towards this frozen model's final hidden states instead of next-token prediction.
+        loop_loss_weight: add this weight times the mean next-token loss at the earlier loops' exits.
+        on_log: called every ``log_every`` steps with ``{"train_loss": mean over those steps, "lr": ...}``.
+
+    Returns:
+        The loss of every step.
+    """
+    from tqdm.auto import tqdm
+
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def lr_factor(step: int) -> float:  # linear warm-up, then linear decay to zero at `steps`
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (steps - step) / max(steps - warmup_steps, 1))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    generator = torch.Generator().manual_seed(seed)
+    order: List[int] = []
+    losses: List[float] = []
+    model.train()
+    for step in tqdm(range(steps), desc="uptrain", unit="step", disable=not progress):
+        if len(order) < batch_size:
+            order += torch.randperm(blocks.shape[0], generator=generator).tolist()
+        batch = blocks[torch.tensor(order[:batch_size])].to(device)
+        order = order[batch_size:]
+        if teacher is not None:
+            loss = distill_loss(model, teacher, batch)
+        elif loop_loss_weight > 0:
+            final, loops = lm_loss_with_loop_exits(model, batch)
+            loss = final + loop_loss_weight * loops
+        else:
+            loss = lm_loss(model, batch)
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"uptraining loss became {float(loss)} at step {step}; lower training.lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss.detach()))
+        if on_log is not None and (step + 1) % log_every == 0:
+            on_log(step + 1, {"train_loss": sum(losses[-log_every:]) / log_every, "lr": schedule.get_last_lr()[0]})
+    model.eval()
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------------- recipe
+@dataclass
+class UptrainResult:
+    """What a run measured and where it saved the model."""
+
+    metric: str  # "perplexity" or "distill_mse"
+    original: float
+    before: float
+    after: float
+    parameters: Dict[str, int]  # parameter_breakdown of the converted model, plus "original"
+    folder: Path
+    losses: List[float] = field(default_factory=list)
+
+
+def run_uptraining(cfg: DictConfig, echo: Callable[[str], None] = print) -> UptrainResult:
+    """Setup -> evaluate original -> convert -> evaluate -> uptrain -> evaluate -> save, tracked in MLflow."""
+    from continual.expansion import resolve_device
+    from continual.models.backbone import load_backbone, load_causal_lm
+    from continual.models.recursive import convert_to_recursive, parameter_breakdown, save_recursive
+    from continual.runner import seed_everything
+    from continual.tracking import ExperimentTracker
+    from streams.text import build_text_blocks
+
+    # ---------------------------------------------------------------- setup
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.training.device)
+    loader = load_causal_lm if cfg.model.kind == "causal_lm" else load_backbone
+    model, tokenizer = loader(cfg.model.name, random_init=cfg.model.random_init, config_overrides=dict(cfg.model.config_overrides))
+    model = model.to(device).eval()
+    blocks = build_text_blocks(
+        list(cfg.data.tasks), tokenizer, block_size=cfg.data.block_size, heldout_fraction=cfg.data.heldout_fraction,
+        seed=cfg.data.seed, data_root=cfg.data.data_root, splits=list(cfg.data.splits), max_sentences=cfg.data.max_sentences,
+    )
+    heldout = blocks.heldout[: cfg.training.eval_blocks] if cfg.training.eval_blocks else blocks.heldout
+    rec = OmegaConf.to_container(cfg.recursion)
+    run_name = cfg.tracking.run_name or (
+        f"{Path(cfg.model.name).name}-R{rec['num_loops']}-{rec['sharing']}-{rec['init']}-r{rec['rank']}-{cfg.training.objective}"
+    )
+    folder = Path(cfg.tracking.output_dir) / run_name
+    distill = cfg.training.objective == "distill"
+    ev = lambda m, teacher=None: evaluate(m, heldout, cfg.training.eval_batch_size, device, teacher, cfg.training.progress)
+
+    with ExperimentTracker(cfg.tracking.experiment or "uptrain", run_name, uri=cfg.tracking.uri,
+                           enabled=cfg.tracking.enabled, tags={"recipe": "uptrain", "model": cfg.model.name}) as tracker:
+        tracker.log_params(flatten(cfg))
+        tracker.log_text(to_yaml(cfg), "config.yaml")
+        echo(f"uptrain {run_name}: {blocks.train.shape[0]} training and {heldout.shape[0]} held-back blocks of "
+             f"{blocks.block_size} tokens on {device}; {tracker.describe()}")
+        original_count = sum(p.numel() for p in model.parameters())
+        teacher = copy.deepcopy(model).requires_grad_(False) if distill else None
+        original = 0.0 if distill else ev(model)
+        convert_to_recursive(model, **rec)
+        counts = {"original": original_count, **parameter_breakdown(model)}
+        before = ev(model, teacher)
+        tracker.log_metrics({**{f"parameters/{k}": v for k, v in counts.items()}, "eval/original": original, "eval/before": before}, step=0)
+
+        # ---------------------------------------------------------------- train
+        t = cfg.training
+        losses = uptrain(
+            model, blocks.train, t.steps, t.batch_size, t.lr, t.weight_decay, t.warmup_steps, t.max_grad_norm,
+            teacher=teacher, loop_loss_weight=t.loop_loss_weight, device=device, seed=cfg.seed, progress=t.progress,
+            on_log=lambda step, m: tracker.log_metrics(m, step=step), log_every=t.log_every,
+        )
+
+        # ---------------------------------------------------------------- evaluate and save
+        after = ev(model, teacher)
+        tracker.log_metrics({"eval/after": after}, step=t.steps)
+        save_recursive(model, folder, tokenizer)
+        metric = "distill_mse" if distill else "perplexity"
+        summary = {"metric": metric, "original": original, "before": before, "after": after, "parameters": counts,
+                   "steps": t.steps, "folder": str(folder)}
+        (folder / "uptrain_summary.json").write_text(json.dumps(summary, indent=2))
+        tracker.log_artifact(folder / "uptrain_summary.json")
+        tracker.log_artifact(folder / "config.json")
+    shown = "" if distill else f"original {original:.2f} -> "
+    echo(f"{metric}: {shown}converted {before:.4g} -> uptrained {after:.4g} ({t.steps} steps); "
+         f"parameters {counts['total']:,} of {original_count:,}; saved to {folder}")
+    return UptrainResult(metric, original, before, after, counts, folder, losses)
