@@ -14,13 +14,31 @@ def test_there_are_presets():
     assert {"quickstart", "full_finetune", "joint", "ewc", "lwf", "replay"} <= names
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
-def test_every_preset_loads_against_the_schema(path):
-    cfg = load_config(path)
-    assert OmegaConf.is_readonly(cfg)
+def _loader(command: str):
+    """The schema of each `continual <command>` that takes a preset."""
+    if command == "run":
+        return load_config
+    if command == "lm":
+        from continual.lm import load_lm_config
+
+        return load_lm_config
+    if command == "uptrain":
+        from continual.uptrain import load_uptrain_config
+
+        return load_uptrain_config
+    raise AssertionError(f"no command `continual {command}` takes a preset")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
+def test_every_preset_opens_with_its_command_and_loads_against_that_schema(path):
     first = path.read_text().splitlines()[0]
     relative = path.relative_to(REPO).as_posix()
-    assert first == f"# continual run {relative}", f"{relative} must open with the command that runs it"
+    parts = first.split()
+    assert len(parts) == 4 and parts[:2] == ["#", "continual"] and parts[3] == relative, (
+        f"{relative} must open with the command that runs it, e.g. '# continual run {relative}'"
+    )
+    cfg = _loader(parts[2])(path)
+    assert OmegaConf.is_readonly(cfg) or parts[2] != "run"
 
 
 def test_overrides_apply_and_are_typed():
