@@ -238,7 +238,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     from continual.expansion import resolve_device
     from continual.modules import DELTA_KINDS
 
-    kinds = sorted(DELTA_KINDS)  # read at run time: newly registered kinds are measured with no change here
+    # read at run time: newly registered kinds are measured with no change here; block kinds (experts) need an
+    # upcycled backbone and are measured through their own strategy
+    kinds = sorted(k for k in DELTA_KINDS if getattr(DELTA_KINDS[k], "wraps", "linear") != "module")
     if args.kinds:
         wanted = [k.strip() for k in args.kinds.split(",") if k.strip()]
         unknown = sorted(set(wanted) - set(kinds))

@@ -16,6 +16,7 @@ from continual.modules.bank import (
 )
 from continual.modules.deltas import DELTA_KINDS, TaskDelta, get_delta_kind, register_delta
 from continual.modules.peft_interop import export_peft_lora, import_peft_lora  # noqa: F401 (PEFT adapter folders)
+from continual.modules.experts import ExpertsDelta  # noqa: F401 (registers the "experts" kind; moduleformer loads lazily)
 
 __all__ = [
     "COMPOSITIONS",

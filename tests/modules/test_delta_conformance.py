@@ -22,7 +22,9 @@ from continual.modules.deltas.mixing import ACTIVATIONS
 from strategies.delta import DeltaStrategy
 from strategies.registry import register_strategy
 
-KINDS = sorted(DELTA_KINDS)
+# Kinds that sit on linears, embeddings or attention projections; block kinds (experts) need the FFN fused first and
+# have their own table in tests/modules/test_experts.py.
+KINDS = sorted(k for k in DELTA_KINDS if getattr(DELTA_KINDS[k], "wraps", "linear") != "module")
 ARCHS = ["bert", "gpt2"]
 COMPOSITIONS = ["isolated", "sequential", "simultaneous"]
 LABELS = [("neg", "pos"), ("a", "b", "c", "d"), ("pos", "neg", "neutral")]
