@@ -1,0 +1,263 @@
+"""The continual language-modelling recipe: typed config, the perplexity math, and short real runs (tiny random
+models, real CL_Benchmark text) in experts mode and dense mode, through the Python API and the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from continual.config import ConfigError
+from continual.lm import (
+    ExpandableLM,
+    build_lm,
+    load_lm_config,
+    lr_factor,
+    next_token_loss,
+    perplexity,
+    perplexity_forgetting,
+    plasticity,
+    run_continual_lm,
+    set_expert_group_enabled,
+    weights_checksum,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = sorted((REPO / "configs" / "lm").glob("*.yaml"))
+DOMAINS = ["SST-2", "RTE"]
+
+
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    """Tiny models gain nothing from threads; on a shared machine extra threads only add contention."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_config(tmp_path, cl_root, *overrides, tracking=False):
+    """Two small domains and a tiny ModuleFormer: a few seconds per run."""
+    return load_lm_config(None, [
+        "model.size=tiny", f"data.domains=[{','.join(DOMAINS)}]", f"data.data_root={cl_root}", "data.max_sentences=60",
+        "data.block_size=32", "data.heldout_fraction=0.2", "data.eval_blocks=6", "training.steps_per_domain=6",
+        "training.batch_size=4", "training.eval_batch_size=6", "training.log_every=2", "training.lr=1e-2",
+        "training.progress=false", "training.device=cpu", f"tracking.enabled={str(tracking).lower()}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}", f"tracking.output_dir={tmp_path / 'out'}", *overrides,
+    ])
+
+
+# ------------------------------------------------------------------------------------------------------------ config
+def test_config_is_typed_and_defaults_are_the_extendability_stream():
+    cfg = load_lm_config(None, ["training.steps_per_domain=5", "expansion.mode=dense"])
+    assert cfg.training.steps_per_domain == 5 and cfg.expansion.mode == "dense"
+    assert list(cfg.data.domains) == ["agnews", "yelp", "dbpedia"] and OmegaConf.is_readonly(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["training.stepz=1"], "training.stepz"),
+        (["training.lr=fast"], "training.lr"),
+        (["expansion.mode=sparse"], "expansion.mode: must be one of"),
+        (["expansion.train_router=some"], "expansion.train_router"),
+        (["expansion.experts_per_domain=0"], "expansion.experts_per_domain"),
+        (["model.kind=encoder"], "model.kind"),
+        (["model.size=huge"], "model.size: unknown ModuleFormer size"),
+        (["model.config_overrides.n_layers=2"], "model.config_overrides.n_layers: not a ModuleFormerConfig argument"),
+        (["model.config_overrides.k_ffn=17"], "model.config_overrides: .*k_ffn=17 exceeds"),
+        (["pretrain.tasks=[TC/agnews]"], "pretrain.tasks: must be disjoint from data.domains"),
+        (["pretrain.steps=5"], "pretrain.tasks: must be a non-empty list"),
+        (["data.domains=[agnews,agnews]"], "data.domains: must be a list without repeated"),
+        (["data.heldout_fraction=0"], "data.heldout_fraction"),
+        (["training.steps_per_domain=0"], "training.steps_per_domain: must be >= 1"),
+        (["training"], "not of the form key=value"),
+    ],
+)
+def test_bad_config_fails_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_lm_config(None, overrides)
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.stem)
+def test_every_lm_preset_loads_and_opens_with_its_command(path):
+    cfg = load_lm_config(path)
+    relative = path.relative_to(REPO).as_posix()
+    assert path.read_text().splitlines()[0] == f"# continual lm {relative}"
+    assert cfg.pretrain.steps > 0, "the extendability presets start both modes from the same pretrained model"
+
+
+def test_the_extendability_pair_differs_only_in_what_a_domain_trains():
+    experts, dense = (OmegaConf.to_container(load_lm_config(REPO / "configs/lm" / f"moduleformer_{m}.yaml"))
+                      for m in ("experts", "dense"))
+    assert (experts.pop("expansion")["mode"], dense.pop("expansion")["mode"]) == ("experts", "dense")
+    assert experts["tracking"].pop("run_name") != dense["tracking"].pop("run_name")
+    assert experts == dense  # model, data, pretraining, training and the rest of tracking
+
+
+# -------------------------------------------------------------------------------------------------------------- math
+def test_forgetting_and_plasticity_of_a_perplexity_matrix():
+    p = np.array([[10.0, 50.0, 40.0], [12.0, 8.0, 30.0], [15.0, 9.5, 6.0]])
+    np.testing.assert_allclose(perplexity_forgetting(p), [5.0, 1.5])
+    np.testing.assert_allclose(plasticity(p), [10.0, 8.0, 6.0])
+    assert perplexity_forgetting(np.array([[3.0]])).shape == (0,)
+
+
+def test_next_token_loss_and_schedule():
+    logits = torch.randn(2, 5, 7)
+    ids = torch.randint(0, 7, (2, 5))
+    manual = torch.stack([-torch.log_softmax(logits[b, t], -1)[ids[b, t + 1]] for b in range(2) for t in range(4)]).mean()
+    torch.testing.assert_close(next_token_loss(logits, ids), manual)
+    assert [lr_factor(s, 10, 2) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+
+
+# --------------------------------------------------------------------------------------------------- experts mode
+def test_experts_mode_freezes_the_past_and_tracks_everything(tmp_path, cl_root):
+    from mlflow.tracking import MlflowClient
+
+    cfg = tiny_config(tmp_path, cl_root, "pretrain.tasks=[QQP]", "pretrain.steps=8", "expansion.experts_per_domain=2",
+                      "expansion.att_experts_per_domain=1", tracking=True)
+    snapshots = []
+    result = run_continual_lm(cfg, echo=lambda _: None,
+                              after_domain=lambda i, model: snapshots.append(copy.deepcopy(model)))
+    before, after = snapshots
+
+    # the perplexity matrix, forgetting and plasticity
+    assert result.matrix.shape == (2, 2) and np.isfinite(result.matrix).all() and np.isfinite(result.initial).all()
+    assert result.general.shape == (3,) and np.isfinite(result.general).all()
+    assert result.forgetting == pytest.approx([result.matrix[1, 0] - result.matrix[0, 0]])
+    assert list(result.plasticity) == [result.matrix[0, 0], result.matrix[1, 1]]
+    assert result.matrix[0, 0] < result.initial[0], "learning a domain's experts must lower its perplexity"
+    assert result.group_share.shape == (2, 3) and np.allclose(result.group_share.sum(1), 1.0)
+    assert (result.group_share[:, 1:] > 0).all(), "both domains' tokens reach the added experts"
+
+    # each domain added one group: n_layer * (2 FFN + 1 attention experts), each with its router row
+    layers = before.expert_layers()
+    per_domain = sum((2 if name.endswith("ffn") else 1) * layer.parameters_per_expert() for name, layer in layers.items())
+    assert [(r.group, r.added_parameters, r.trainable_parameters) for r in result.records] == [(1, per_domain, per_domain),
+                                                                                               (2, per_domain, per_domain)]
+    assert result.records[1].total_parameters == result.records[0].total_parameters + per_domain
+
+    # everything that existed before the second domain is bit-identical after it; only group 2 is new
+    old, new = before.state_dict(), after.state_dict()
+    assert all(torch.equal(new[name], tensor) for name, tensor in old.items())
+    assert {n for n in new if n not in old} == {f"{n}.{k}" for n in layers for k in ("groups.2.router", "groups.2.enabled",
+                                                                                     *[f"groups.2.{r}" for r in layers[n].shapes])}
+
+    # with the newest experts switched off the model IS the model after the first domain
+    ids = torch.randint(0, before.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
+    set_expert_group_enabled(after, 2, False)
+    with torch.no_grad():
+        assert torch.equal(after(input_ids=ids).logits, before(input_ids=ids).logits)
+
+    # MLflow: params, per-step metrics and the artifacts
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["expansion.mode"] == "experts" and run.data.params["start_checksum"] == result.start_checksum
+    history = client.get_metric_history(result.run_id, "ppl/SST-2")
+    assert [(m.step, m.value) for m in history] == [(0, result.matrix[0, 0]), (1, result.matrix[1, 0])]
+    assert run.data.metrics["final/mean_forgetting"] == pytest.approx(float(result.forgetting.mean()))
+    assert run.data.metrics["routing_share/RTE/group2"] == pytest.approx(result.group_share[1, 2])
+    assert len(client.get_metric_history(result.run_id, "train/loss")) == (8 + 2 * 6) // 2
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config.yaml", "perplexity_matrix.csv", "perplexity_matrix.png", "summary.json"} <= artifacts
+    summary = json.loads((result.output_dir / "summary.json").read_text())
+    assert summary["matrix"] == result.matrix.tolist() and summary["records"][1]["group"] == 2
+    assert (result.output_dir / "perplexity_matrix.csv").read_text().splitlines()[0] == "after_domain,SST-2,RTE,general"
+
+
+def test_switching_off_new_experts_recovers_the_earlier_perplexity_exactly(tmp_path, cl_root):
+    """Without pretraining the first domain trains the base; the second only adds experts, so with them off the
+    first domain's held-back perplexity is the one measured right after it."""
+    from continual.lm import load_tokenizer
+    from streams.text import build_text_blocks
+
+    cfg = tiny_config(tmp_path, cl_root, "expansion.first_domain_trains_base=true")
+    models = []
+    result = run_continual_lm(cfg, echo=lambda _: None, after_domain=lambda i, m: models.append(m))
+    assert [r.group for r in result.records] == [None, 1] and result.records[0].added_parameters == 0
+    assert result.records[0].trainable_parameters == result.records[0].total_parameters  # the base: every weight
+    model = models[-1]
+    heldout = build_text_blocks([DOMAINS[0]], load_tokenizer("byte"), block_size=32, heldout_fraction=0.2, seed=0,
+                                data_root=str(cl_root), max_sentences=60).heldout[:6]
+    set_expert_group_enabled(model, 1, False)
+    assert perplexity(model, heldout, 6, torch.device("cpu")) == result.matrix[0, 0]
+    set_expert_group_enabled(model, 1, True)
+    assert perplexity(model, heldout, 6, torch.device("cpu")) == result.matrix[1, 0]
+
+
+def test_training_every_router_moves_old_router_rows_but_no_old_expert(tmp_path, cl_root):
+    cfg = tiny_config(tmp_path, cl_root, "expansion.first_domain_trains_base=true", "expansion.train_router=all")
+    states = []
+    run_continual_lm(cfg, echo=lambda _: None,
+                     after_domain=lambda i, m: states.append({n: p.detach().clone() for n, p in m.named_parameters()}))
+    before, after = states
+    routers = {n for n in before if n.endswith(".router") or ".gate." in n}
+    assert routers and all(not torch.equal(before[n], after[n]) for n in routers)
+    assert all(torch.equal(before[n], after[n]) for n in before if n not in routers)
+
+
+# ----------------------------------------------------------------------------------------------------- dense mode
+def test_dense_mode_changes_every_weight_and_adds_nothing(tmp_path, cl_root):
+    cfg = tiny_config(tmp_path, cl_root, "expansion.mode=dense")
+    model, tokenizer = build_lm(cfg.model)
+    states = [{n: p.detach().clone() for n, p in model.named_parameters()}]
+    result = run_continual_lm(cfg, echo=lambda _: None, model=model, tokenizer=tokenizer,
+                              after_domain=lambda i, m: states.append({n: p.detach().clone() for n, p in m.named_parameters()}))
+    for earlier, later in zip(states, states[1:]):
+        assert earlier.keys() == later.keys()
+        unchanged = [n for n in earlier if torch.equal(earlier[n], later[n])]
+        assert not unchanged, f"dense fine-tuning left {unchanged} untouched"
+    assert all(r.group is None and r.added_parameters == 0 and r.trainable_parameters == r.total_parameters
+               for r in result.records)
+    assert np.isfinite(result.matrix).all() and result.general is None
+
+
+# -------------------------------------------------------------------------------------- any causal LM, and the CLI
+@pytest.fixture(scope="module")
+def llama_folder(tmp_path_factory):
+    """A tiny random Llama saved with the byte tokenizer."""
+    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = ByT5Tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                         max_position_embeddings=64))
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_cli_runs_a_dense_causal_lm_and_rejects_experts_on_it(tmp_path, cl_root, llama_folder, capsys):
+    from continual.cli import main
+
+    overrides = [f"model.name={llama_folder}", "model.kind=causal_lm", "expansion.mode=dense"]
+    preset = tmp_path / "llama.yaml"
+    preset.write_text(OmegaConf.to_yaml(tiny_config(tmp_path, cl_root, *overrides)))
+    assert main(["lm", str(preset)]) == 0
+    out = capsys.readouterr().out
+    assert "after RTE:" in out and "forgetting" in out
+    csv_rows = (tmp_path / "out" / "lm-SST-2-RTE" / f"dense-{llama_folder.name}-seed0" / "perplexity_matrix.csv").read_text()
+    assert all(math.isfinite(float(v)) for line in csv_rows.splitlines()[1:] for v in line.split(",")[1:])
+
+    assert main(["lm", str(preset), "expansion.mode=experts"]) == 2
+    assert "expansion.mode=experts: LlamaForCausalLM has no experts to add" in capsys.readouterr().err
+    assert main(["lm", str(preset), "training.lrr=1"]) == 2
+    assert "training.lrr" in capsys.readouterr().err
+
+
+def test_a_saved_moduleformer_loads_as_a_causal_lm_that_can_grow(tmp_path):
+    model, tokenizer = build_lm(load_lm_config(None, ["model.size=tiny"]).model)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, _ = build_lm(load_lm_config(None, ["model.kind=causal_lm", f"model.name={tmp_path}"]).model)
+    assert isinstance(loaded, ExpandableLM) and weights_checksum(loaded) == weights_checksum(model)
