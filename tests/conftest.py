@@ -71,3 +71,17 @@ def tiny_experiment(tmp_path, cl_root, monkeypatch):
         return load_config(None, overrides=list(overrides), extra=base)
 
     return make
+
+
+@pytest.fixture
+def one_cpu_thread():
+    """Run a test on one intra-op thread: tiny models gain nothing from threads, and on a shared 2-core machine extra
+    threads only add contention (about 10x slower was measured). Opt in per module with
+    ``pytestmark = pytest.mark.usefixtures("one_cpu_thread")``."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+

@@ -33,13 +33,7 @@ PRESETS = sorted((REPO / "configs" / "lm").glob("*.yaml"))
 DOMAINS = ["SST-2", "RTE"]
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """Tiny models gain nothing from threads; on a shared machine extra threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def tiny_config(tmp_path, cl_root, *overrides, tracking=False):

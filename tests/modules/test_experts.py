@@ -28,13 +28,7 @@ LABELS = [("neg", "pos"), ("a", "b", "c"), ("x", "y")]
 D, FF = 32, 64  # tiny BERT width and FFN width
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    """Tiny matmuls gain nothing from threads; on a shared machine extra threads only add contention."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")

@@ -20,12 +20,7 @@ TASKS = [TaskInfo(i, f"task{i}", labels) for i, labels in enumerate(LABELS)]
 D = 32
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")

@@ -32,13 +32,7 @@ def _tiny_gpt2_folder(folder, cl_root):
     return folder
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """A tiny model: one intra-op thread is many times faster than several fighting over shared CPU cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture

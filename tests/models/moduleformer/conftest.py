@@ -4,12 +4,8 @@ shared machine extra threads only add contention (a 10x slowdown was measured on
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _every_test_on_one_thread(one_cpu_thread):
+    """Every test in this folder runs on one intra-op thread (the fixture is in tests/conftest.py)."""

@@ -10,12 +10,8 @@ import torch
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one intra-op thread is many times faster than several fighting over shared CPU cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _every_test_on_one_thread(one_cpu_thread):
+    """Every test in this folder runs on one intra-op thread (the fixture is in tests/conftest.py)."""
 
 
 def train_bpe_tokenizer(texts, vocab_size: int = 1000):
