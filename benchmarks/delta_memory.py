@@ -33,6 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from delta_speed import parse_overrides  # noqa: E402 (the sibling script; same --override syntax)
+
 FULL = "full_finetune"
 N_CLASSES = 4
 
@@ -55,23 +57,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
     return args
-
-
-def parse_overrides(items: Sequence[str]) -> Dict[str, object]:
-    out: Dict[str, object] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--override {item!r} is not of the form key=value")
-        for cast in (int, float):
-            try:
-                out[key] = cast(value)
-                break
-            except ValueError:
-                continue
-        else:
-            out[key] = value
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------- CPU memory

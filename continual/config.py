@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -129,6 +129,48 @@ def _wrap(err: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{key}: {msg} (from {source})" if key else f"{source}: {msg}")
 
 
+def read_layers(
+    path: str | Path | None, overrides: Sequence[str] = (), extra: Dict[str, Any] | None = None
+) -> List[Tuple[str, DictConfig]]:
+    """The config layers in merge order, each with its source for error messages: the YAML file, ``extra`` (a plain
+    dict) and the ``key=value`` overrides.
+
+    Raises:
+        ConfigError: a missing file, invalid YAML or a malformed override.
+    """
+    layers: List[Tuple[str, DictConfig]] = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            layers.append((str(path), OmegaConf.load(path)))
+        except Exception as err:  # YAML syntax errors
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if extra:
+        layers.append(("<extra>", OmegaConf.create(extra)))
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+        try:
+            layers.append(("<command line>", OmegaConf.from_dotlist(list(overrides))))
+        except OmegaConfBaseException as err:
+            raise _wrap(err, "<command line>") from err
+    return layers
+
+
+def merge_layers(schema: DictConfig, layers: Sequence[Tuple[str, DictConfig]]) -> DictConfig:
+    """Merge ``layers`` onto a structured ``schema``; an unknown key or a wrong type names its full key and source."""
+    cfg = schema
+    for source, layer in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+        except OmegaConfBaseException as err:
+            raise _wrap(err, source) from err
+    return cfg
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: Sequence[str] = (),
@@ -150,25 +192,7 @@ def load_config(
     """
     from strategies.registry import get_strategy_config_class
 
-    layers: list[tuple[str, DictConfig]] = []
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            layers.append((str(path), OmegaConf.load(path)))
-        except Exception as err:  # YAML syntax errors
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    if extra:
-        layers.append(("<extra>", OmegaConf.create(extra)))
-    if overrides:
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
-        try:
-            layers.append(("<command line>", OmegaConf.from_dotlist(list(overrides))))
-        except OmegaConfBaseException as err:
-            raise _wrap(err, "<command line>") from err
+    layers = read_layers(path, overrides, extra)
 
     # The strategy name decides the schema of the `strategy` node, so find it first (last layer wins).
     name = StrategyConfig.name
@@ -183,12 +207,7 @@ def load_config(
 
     schema = OmegaConf.structured(ExperimentConfig)
     schema.strategy = OmegaConf.structured(strategy_cls)
-    cfg = schema
-    for source, layer in layers:
-        try:
-            cfg = OmegaConf.merge(cfg, layer)
-        except OmegaConfBaseException as err:
-            raise _wrap(err, source) from err
+    cfg = merge_layers(schema, layers)
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:

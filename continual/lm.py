@@ -32,10 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from continual.config import ConfigError, TrackingConfig, _wrap, flatten, to_yaml
+from continual.config import ConfigError, TrackingConfig, flatten, merge_layers, read_layers, to_yaml
 
 MODEL_KINDS = ("moduleformer", "causal_lm")
 MODES = ("experts", "dense")
@@ -163,30 +162,7 @@ def load_lm_config(
     Raises:
         ConfigError: unknown key, wrong type or out-of-range value, naming the full key path.
     """
-    layers = []
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            layers.append((str(path), OmegaConf.load(path)))
-        except Exception as err:  # YAML syntax errors
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    if extra:
-        layers.append(("<extra>", OmegaConf.create(extra)))
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
-    if overrides:
-        try:
-            layers.append(("<command line>", OmegaConf.from_dotlist(list(overrides))))
-        except OmegaConfBaseException as err:
-            raise _wrap(err, "<command line>") from err
-    cfg = OmegaConf.structured(LMConfig)
-    for source, layer in layers:
-        try:
-            cfg = OmegaConf.merge(cfg, layer)
-        except OmegaConfBaseException as err:
-            raise _wrap(err, source) from err
+    cfg = merge_layers(OmegaConf.structured(LMConfig), read_layers(path, overrides, extra))
     _check(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg

@@ -24,10 +24,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
-from continual.config import ConfigError, TrackingConfig, flatten, to_yaml
+from continual.config import ConfigError, TrackingConfig, flatten, merge_layers, read_layers, to_yaml
 from continual.models.recursive import RecursionConfig
 
 OBJECTIVES = ("lm", "distill")
@@ -103,28 +102,7 @@ def load_uptrain_config(path: str | Path | None = None, overrides: Sequence[str]
     Raises:
         ConfigError: unknown key, wrong type or out-of-range value, naming the full key path.
     """
-    layers = []
-    if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            layers.append((str(path), OmegaConf.load(path)))
-        except Exception as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
-    if extra:
-        layers.append(("<extra>", OmegaConf.create(extra)))
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
-    if overrides:
-        layers.append(("<command line>", OmegaConf.from_dotlist(list(overrides))))
-    cfg = OmegaConf.structured(UptrainConfig)
-    for source, layer in layers:
-        try:
-            cfg = OmegaConf.merge(cfg, layer)
-        except OmegaConfBaseException as err:
-            key = getattr(err, "full_key", None)
-            raise ConfigError(f"{key}: {(getattr(err, 'msg', None) or str(err)).splitlines()[0]} (from {source})") from err
+    cfg = merge_layers(OmegaConf.structured(UptrainConfig), read_layers(path, overrides, extra))
     checks = [
         ("model.kind", cfg.model.kind in MODEL_KINDS, f"one of {list(MODEL_KINDS)}"),
         ("training.objective", cfg.training.objective in OBJECTIVES, f"one of {list(OBJECTIVES)}"),
@@ -251,12 +229,9 @@ def uptrain(
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
-    def lr_factor(step: int) -> float:  # linear warm-up, then linear decay to zero at `steps`
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (steps - step) / max(steps - warmup_steps, 1))
+    from continual.lm import lr_factor  # linear warm-up, then linear decay to zero at `steps`
 
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, warmup_steps))
     generator = torch.Generator().manual_seed(seed)
     order: List[int] = []
     losses: List[float] = []

@@ -154,9 +154,12 @@ class ContinualClassifier(MultiTaskModule):
             return self.encode(ids, mask, positions, n_virtual)
 
     def _takes_position_ids(self) -> bool:
-        import inspect
+        backbone_type = type(self.backbone)
+        if getattr(self, "_position_ids_for", (None,))[0] is not backbone_type:  # inspect once per backbone class
+            import inspect
 
-        return "position_ids" in inspect.signature(self.backbone.forward).parameters
+            self._position_ids_for = (backbone_type, "position_ids" in inspect.signature(self.backbone.forward).parameters)
+        return self._position_ids_for[1]
 
     # Avalanche's MultiTaskModule routes single-task calls through here (LwF's forward_all_tasks, for one).
     def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:

@@ -339,7 +339,8 @@ class ModuleBank:
     def __init__(self, composition: str = "isolated", router: Optional[TaskRouter] = None):
         self.routing = Routing(router if router is not None else TaskIdRouter(composition))
         self._sites: Dict[str, TaskModuleSite] = {}
-        self._token_groups: List[Tuple[int, str]] = []  # (group, kind) of each attached virtual-token kind
+        # (group, virtual positions per slot) of each attached virtual-token kind
+        self._token_groups: List[Tuple[int, int]] = []
         self.n_tasks = 0
         self.frozen: set = set()
 
@@ -422,8 +423,8 @@ class ModuleBank:
             site = TaskModuleSite(base, delta, self.routing, kind_options)
             setattr(model.get_submodule(parent_name) if parent_name else model, child, site)
             ours.add(id(site))
-        if virtual:
-            self._token_groups.append((group, kind))
+        if virtual and chosen:
+            self._token_groups.append((group, delta.tokens_per_slot))
         # Re-read every site's name: a site wrapped by a new one now lives at "<name>.base".
         self._sites = {n: m for n, m in model.named_modules() if id(m) in ours}
         return chosen
@@ -562,9 +563,7 @@ class ModuleBank:
         B, T = input_ids.shape
         exclusive = self.routing.exclusive
         spans, masks, offset = {}, [], 0
-        for group, _ in self._token_groups:
-            site = next(site for site in self._sites.values() if getattr(site.delta, "group", None) == group)
-            P = site.delta.tokens_per_slot
+        for group, P in self._token_groups:
             if exclusive:
                 visible = (weights != 0).any(dim=1, keepdim=True).expand(B, P)
             else:
