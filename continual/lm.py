@@ -2,7 +2,10 @@
 experts for each domain or by fine-tuning every weight. The experts mode is the extendability setting of ModuleFormer
 (Shen et al. 2023, "ModuleFormer: Modularity Emerges from Mixture-of-Experts", arXiv 2306.04640): a new domain gets
 new experts and new router rows in every expert layer, everything learnt before is frozen, and a load concentration
-loss makes the domain settle on few experts.
+loss makes the domain settle on few experts. A dense causal LM (SmolLM2, any Llama-like or GPT-2 model) is upcycled
+first (sparse upcycling, Komatsuzaki et al. 2023): every FFN becomes a routed expert layer whose shared expert is the
+FFN itself, so the stream starts from the model's exact outputs, and only the added experts and their router rows
+train (:class:`continual.models.upcycled_lm.UpcycledExpertsLM`).
 
 Reads setup -> (pretrain) -> per domain: expand, train, evaluate every domain, log -> report.
 
@@ -35,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from continual.config import ConfigError, TrackingConfig, flatten, merge_layers, read_layers, to_yaml
+from continual.modules.experts import GATES, UPCYCLING
 
 MODEL_KINDS = ("moduleformer", "causal_lm")
 MODES = ("experts", "dense")
@@ -99,18 +103,41 @@ class LMPretrainConfig:
 
 @dataclass
 class LMExpansionConfig:
-    # "experts": add experts for each domain and train only them (ModuleFormer models); "dense": train every weight.
+    # "experts": add experts for each domain and train only them; "dense": train every weight. A ModuleFormer grows
+    # its own expert layers; any other causal LM (Llama/SmolLM2, Mistral, Qwen2, GPT-2) is upcycled first: every FFN
+    # becomes a routed expert layer whose shared expert is the FFN itself (outputs unchanged), the dense weights stay
+    # frozen, and each domain adds experts there (continual.models.upcycled_lm).
     mode: str = "experts"
     # experts: feed-forward experts added to every layer for each domain.
     experts_per_domain: int = 4
-    # experts: attention experts added to every layer for each domain.
+    # experts: attention experts added to every layer for each domain (ModuleFormer only; 0 for an upcycled LM).
     att_experts_per_domain: int = 0
     # experts: "new" trains only the new group's router rows; "all" also trains the earlier groups' router rows and
-    # the routers' shared hidden layers (the earlier experts themselves stay frozen).
+    # the routers' shared hidden layers (the earlier experts themselves stay frozen). Upcycled LM: the earlier
+    # domains' rows, the FFN's own rows and an "mlp" gate's hidden layer; the dense weights stay frozen.
     train_router: str = "new"
     # experts: the first domain trains the whole model (no experts added) as the base the later domains extend; for
-    # a model without pretraining. False: every domain adds experts to the model as it is.
+    # a model without pretraining. Upcycled LM: the first domain fine-tunes the dense LM, whose FFNs are the shared
+    # experts of the later domains. False: every domain adds experts to the model as it is.
     first_domain_trains_base: bool = False
+    # --- upcycling a causal LM without experts of its own (ignored by a ModuleFormer, whose k is in its config).
+    # Experts per token: the top-k of one softmax over the shared expert(s) and every domain's experts (gates not
+    # renormalised, no domain id). At most shared + experts_per_domain (1 + n for "copy", slices + n for "slices").
+    top_k: int = 2
+    # Hidden width of each new expert (W_in [d, h], W_out [h, d], no biases); 0: a quarter of the model width.
+    expert_hidden: int = 0
+    # Router logit a new expert starts with (its row's bias), against 0 for the FFN: at -4 the FFN keeps about 93%
+    # of each token's probability when a domain's 4 experts switch on (W_out starts at 0), so training starts next
+    # to the pretrained model; 0 starts new experts as likely as the FFN.
+    start_logit: float = -4.0
+    # The FFN as the shared expert(s): "copy" (the FFN itself) or "slices" (its hidden units cut into `slices` equal
+    # experts; their router rows tie, so use top_k = slices + 1).
+    upcycle: str = "copy"
+    slices: int = 4
+    # Router: "linear" (a row per expert over [x, 1]) or "mlp" (a fixed random GELU layer of gate_hidden units
+    # first, frozen so that later domains never move earlier domains' routing).
+    gate: str = "linear"
+    gate_hidden: int = 64
 
 
 @dataclass
@@ -126,9 +153,10 @@ class LMTrainingConfig:
     warmup_steps: int = 0
     # Gradient-norm clip (0 disables).
     max_grad_norm: float = 1.0
-    # Weight of the mutual-information (load balancing) loss on stream domains (ModuleFormer only; both modes).
+    # Weight of the mutual-information (load balancing) loss on stream domains (routed models: a ModuleFormer in
+    # both modes, an upcycled LM in experts mode).
     mi_loss_coef: float = 0.0
-    # Weight of the load concentration loss H(e) on stream domains (ModuleFormer only; both modes).
+    # Weight of the load concentration loss H(e) on stream domains (routed models, as for mi_loss_coef).
     concentration_loss_coef: float = 0.01
     eval_batch_size: int = 16
     # Log the mean training loss every this many steps.
@@ -187,14 +215,22 @@ def _check(cfg: DictConfig) -> None:
         ("expansion.experts_per_domain",
          cfg.expansion.mode == "dense" or cfg.expansion.experts_per_domain + cfg.expansion.att_experts_per_domain >= 1,
          "such that experts_per_domain + att_experts_per_domain >= 1 in experts mode"),
+        ("expansion.upcycle", cfg.expansion.upcycle in UPCYCLING, f"one of {list(UPCYCLING)}"),
+        ("expansion.gate", cfg.expansion.gate in GATES, f"one of {list(GATES)}"),
+        ("expansion.slices", cfg.expansion.slices >= 2, ">= 2"),
     ]
+    if cfg.model.kind == "causal_lm" and cfg.expansion.mode == "experts":  # upcycled (unless it is a ModuleFormer)
+        x = cfg.expansion
+        most = (1 if x.upcycle == "copy" else x.slices) + x.experts_per_domain
+        checks.append(("expansion.top_k", x.top_k <= most,
+                       f"at most the shared expert(s) + experts_per_domain = {most} (upcycle={x.upcycle})"))
     at_least_one = ("data.block_size", "training.steps_per_domain", "training.batch_size", "training.eval_batch_size",
-                    "training.log_every")
+                    "training.log_every", "expansion.top_k", "expansion.gate_hidden")
     checks += [(key, OmegaConf.select(cfg, key) >= 1, ">= 1") for key in at_least_one]
     not_negative = ("pretrain.steps", "pretrain.warmup_steps", "pretrain.mi_loss_coef", "training.warmup_steps",
                     "training.weight_decay", "training.max_grad_norm", "training.mi_loss_coef",
                     "training.concentration_loss_coef", "training.threads", "expansion.experts_per_domain",
-                    "expansion.att_experts_per_domain")
+                    "expansion.att_experts_per_domain", "expansion.expert_hidden")
     checks += [(key, OmegaConf.select(cfg, key) >= 0, ">= 0") for key in not_negative]
     checks += [(key, OmegaConf.select(cfg, key) > 0, "> 0") for key in ("training.lr", "pretrain.lr")]
     for key, ok, need in checks:
@@ -222,7 +258,7 @@ def _check_moduleformer_overrides(size: str, overrides: Dict[str, Any]) -> None:
 # ---------------------------------------------------------------------------------------------------- models
 @runtime_checkable
 class ExpandableLM(Protocol):
-    """A causal LM that can grow groups of routed experts (e.g. ``ModuleFormerForCausalLM``)."""
+    """A causal LM that can grow groups of routed experts (``ModuleFormerForCausalLM``, ``UpcycledExpertsLM``)."""
 
     def add_experts(self, n: int, n_att: int = 0, enabled: bool = True) -> int: ...
 
@@ -265,6 +301,29 @@ def build_lm(model_cfg: DictConfig | LMModelConfig) -> Tuple[nn.Module, Any]:
     return ModuleFormerForCausalLM(config).eval(), tokenizer
 
 
+def upcycled_lm(model: nn.Module, x: DictConfig | LMExpansionConfig) -> nn.Module:
+    """Experts mode on a causal LM without experts: the model upcycled (FFNs turned into expert sites, in place) and
+    wrapped as an :class:`ExpandableLM` with ``x``'s options (see :class:`LMExpansionConfig`).
+
+    Raises:
+        ConfigError: attention experts asked for, or an architecture that cannot be upcycled (naming the key).
+    """
+    from continual.models.upcycled_lm import UpcycledExpertsLM
+
+    name = type(model).__name__
+    if x.att_experts_per_domain:
+        raise ConfigError(f"expansion.att_experts_per_domain: must be 0 for an upcycled {name} (feed-forward experts "
+                          f"only), got {x.att_experts_per_domain}")
+    try:
+        return UpcycledExpertsLM(model, n=x.experts_per_domain, k=x.top_k, expert_hidden=x.expert_hidden, gate=x.gate,
+                                 gate_hidden=x.gate_hidden, upcycle=x.upcycle, slices=x.slices, start_logit=x.start_logit)
+    except ValueError as err:
+        if "slices" in str(err):  # the one option that depends on the model: slices must divide its FFN width
+            raise ConfigError(f"expansion.slices: cannot upcycle {name}: {err}") from None
+        raise ConfigError(f"expansion.mode=experts: {name} has no experts to add and cannot be upcycled ({err}); "
+                          + _EXPERTS_HINT) from None
+
+
 def expert_router_parameters(model: ExpandableLM) -> List[nn.Parameter]:
     """Every router row of every group, and the routers' shared hidden layers, in every expert layer."""
     params: List[nn.Parameter] = []
@@ -277,6 +336,9 @@ def expert_router_parameters(model: ExpandableLM) -> List[nn.Parameter]:
 
 def set_expert_group_enabled(model: ExpandableLM, group: int, enabled: bool) -> None:
     """Switch one group of experts on or off in every expert layer (off: never selected, outputs as without it)."""
+    if hasattr(model, "set_expert_group_enabled"):  # an upcycled LM: it may leave fewer than k experts on
+        model.set_expert_group_enabled(group, enabled)
+        return
     for layer in model.expert_layers().values():
         span = layer.group_slice(group)
         if span.stop > span.start:
@@ -317,7 +379,8 @@ def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tens
 
 
 def training_objective(out, input_ids: torch.Tensor, mi_coef: float, concentration_coef: float) -> torch.Tensor:
-    """Next-token loss plus the routing losses that a ModuleFormer output carries (others have none).
+    """Next-token loss plus the routing losses that a routed model's output carries (a ModuleFormer's, an upcycled
+    LM's once its experts are on; others have none).
 
     Args:
         out: the model's output for ``input_ids [B, T]`` (``logits``; ``mi_loss``/``concentration_loss`` if routed).
@@ -422,7 +485,8 @@ def train_on_blocks(
     return losses
 
 
-_EXPERTS_HINT = "use a ModuleFormer (model.kind=moduleformer, or a saved ModuleFormer folder) or expansion.mode=dense"
+_EXPERTS_HINT = ("use a ModuleFormer (model.kind=moduleformer, or a saved ModuleFormer folder), a Llama-like or GPT-2 "
+                 "causal LM (upcycled), or expansion.mode=dense")
 
 
 def domain_parameters(model: nn.Module, expand: bool, n: int, n_att: int,
@@ -621,7 +685,8 @@ def run_continual_lm(
         cfg: a config from :func:`load_lm_config`.
         echo: where progress lines and the final table go.
         model, tokenizer: start from this model instead of building ``cfg.model`` (the pretraining phase still runs
-            when ``cfg.pretrain.steps > 0``). The model is trained in place.
+            when ``cfg.pretrain.steps > 0``). The model is trained in place; in experts mode a model without experts
+            is upcycled in place and wrapped (:func:`upcycled_lm`), and ``after_domain`` gets the wrapper.
         after_domain: called with ``(domain index, model)`` after each domain is learnt and evaluated.
 
     Returns:
@@ -642,10 +707,10 @@ def run_continual_lm(
         raise ValueError("pass both model and tokenizer, or neither")
     if model is None:
         model, tokenizer = build_lm(cfg.model)
-    model = model.to(device).eval()
     d, t, x = cfg.data, cfg.training, cfg.expansion
     if x.mode == "experts" and not isinstance(model, ExpandableLM):
-        raise ConfigError(f"expansion.mode=experts: {type(model).__name__} has no experts to add; " + _EXPERTS_HINT)
+        model = upcycled_lm(model, x)  # outputs unchanged until the first domain's experts switch on
+    model = model.to(device).eval()
     routed = x.mode == "experts" and hasattr(model, "record_expert_usage")  # track which groups each domain uses
     cap = lambda blocks: blocks[: d.eval_blocks] if d.eval_blocks else blocks
     domains = [Path(name).name for name in d.domains]

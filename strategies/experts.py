@@ -21,7 +21,7 @@ from torch import nn
 from continual.config import StrategyConfig
 from continual.expansion import BaseStrategy, TaskInfo, count
 from continual.modules import ModuleBank
-from continual.modules.experts import GATES, UPCYCLING, expert_deltas, upcycle
+from continual.modules.experts import GATES, UPCYCLING, expert_deltas, routing_losses, upcycle
 
 EXPERT_PREFIX = "experts."  # task_state keys of expert tensors; head tensors keep their model state_dict names
 
@@ -153,20 +153,16 @@ class ExpertStrategy(BaseStrategy):
         """Routing losses of the forward just run, averaged over the expert sites that routed tokens."""
         if self.concentration == 0 and self.mutual_information == 0:
             return None
-        from continual.models.moduleformer.losses import load_concentration_loss, mutual_information_loss
-
-        losses = []
-        for delta in expert_deltas(model.bank).values():
-            routing = delta.last_routing
-            if routing is None:
-                continue
-            loss = routing.probs.new_zeros(())
-            if self.concentration:
-                loss = loss + self.concentration * load_concentration_loss(routing.probs, routing.token_mask)
-            if self.mutual_information:
-                loss = loss + self.mutual_information * mutual_information_loss(routing.probs, routing.token_mask)
-            losses.append(loss)
-        return torch.stack(losses).mean() if losses else None
+        losses = routing_losses(expert_deltas(model.bank).values())
+        if losses is None:
+            return None
+        mi, concentration = losses
+        loss = mi.new_zeros(())
+        if self.concentration:
+            loss = loss + self.concentration * concentration
+        if self.mutual_information:
+            loss = loss + self.mutual_information * mi
+        return loss
 
     def task_state(self, model: nn.Module, task: TaskInfo) -> Dict[str, torch.Tensor]:
         experts = {EXPERT_PREFIX + key: value for key, value in model.bank.task_state(task.index).items()}

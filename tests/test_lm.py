@@ -18,6 +18,7 @@ from continual.lm import (
     ExpandableLM,
     build_lm,
     load_lm_config,
+    load_tokenizer,
     lr_factor,
     next_token_loss,
     perplexity,
@@ -72,6 +73,13 @@ def test_config_is_typed_and_defaults_are_the_extendability_stream():
         (["data.heldout_fraction=0"], "data.heldout_fraction"),
         (["training.steps_per_domain=0"], "training.steps_per_domain: must be >= 1"),
         (["training"], "not of the form key=value"),
+        (["expansion.upcycle=clone"], "expansion.upcycle: must be one of"),
+        (["expansion.gate=deep"], "expansion.gate: must be one of"),
+        (["expansion.top_k=0"], "expansion.top_k: must be >= 1"),
+        (["expansion.slices=1"], "expansion.slices: must be >= 2"),
+        (["expansion.expert_hidden=-1"], "expansion.expert_hidden: must be >= 0"),
+        (["model.kind=causal_lm", "expansion.experts_per_domain=2", "expansion.top_k=4"],
+         r"expansion.top_k: must be at most the shared expert\(s\) \+ experts_per_domain = 3"),
     ],
 )
 def test_bad_config_fails_naming_the_key(overrides, message):
@@ -84,14 +92,18 @@ def test_every_lm_preset_loads_and_opens_with_its_command(path):
     cfg = load_lm_config(path)
     relative = path.relative_to(REPO).as_posix()
     assert path.read_text().splitlines()[0] == f"# continual lm {relative}"
-    assert cfg.pretrain.steps > 0, "the extendability presets start both modes from the same pretrained model"
+    if cfg.model.kind == "moduleformer":
+        assert cfg.pretrain.steps > 0, "the extendability presets start both modes from the same pretrained model"
 
 
-def test_the_extendability_pair_differs_only_in_what_a_domain_trains():
-    experts, dense = (OmegaConf.to_container(load_lm_config(REPO / "configs/lm" / f"moduleformer_{m}.yaml"))
+@pytest.mark.parametrize("model", ["moduleformer", "smollm2"])
+def test_each_extendability_pair_differs_only_in_what_a_domain_trains(model):
+    experts, dense = (OmegaConf.to_container(load_lm_config(REPO / "configs/lm" / f"{model}_{m}.yaml"))
                       for m in ("experts", "dense"))
     assert (experts.pop("expansion")["mode"], dense.pop("expansion")["mode"]) == ("experts", "dense")
     assert experts["tracking"].pop("run_name") != dense["tracking"].pop("run_name")
+    if model == "smollm2":  # new experts start at zero; fine-tuning pretrained weights wants a smaller step
+        assert experts["training"].pop("lr") > dense["training"].pop("lr")
     assert experts == dense  # model, data, pretraining, training and the rest of tracking
 
 
@@ -170,7 +182,6 @@ def test_experts_mode_freezes_the_past_and_tracks_everything(tmp_path, cl_root):
 def test_switching_off_new_experts_recovers_the_earlier_perplexity_exactly(tmp_path, cl_root):
     """Without pretraining the first domain trains the base; the second only adds experts, so with them off the
     first domain's held-back perplexity is the one measured right after it."""
-    from continual.lm import load_tokenizer
     from streams.text import build_text_blocks
 
     cfg = tiny_config(tmp_path, cl_root, "expansion.first_domain_trains_base=true")
@@ -231,7 +242,7 @@ def llama_folder(tmp_path_factory):
     return folder
 
 
-def test_cli_runs_a_dense_causal_lm_and_rejects_experts_on_it(tmp_path, cl_root, llama_folder, capsys):
+def test_cli_runs_a_causal_lm_dense_and_upcycled(tmp_path, cl_root, llama_folder, capsys):
     from continual.cli import main
 
     overrides = [f"model.name={llama_folder}", "model.kind=causal_lm", "expansion.mode=dense"]
@@ -243,8 +254,11 @@ def test_cli_runs_a_dense_causal_lm_and_rejects_experts_on_it(tmp_path, cl_root,
     csv_rows = (tmp_path / "out" / "lm-SST-2-RTE" / f"dense-{llama_folder.name}-seed0" / "perplexity_matrix.csv").read_text()
     assert all(math.isfinite(float(v)) for line in csv_rows.splitlines()[1:] for v in line.split(",")[1:])
 
-    assert main(["lm", str(preset), "expansion.mode=experts"]) == 2
-    assert "expansion.mode=experts: LlamaForCausalLM has no experts to add" in capsys.readouterr().err
+    assert main(["lm", str(preset), "expansion.mode=experts", "expansion.experts_per_domain=2"]) == 0
+    out = capsys.readouterr().out
+    assert "after RTE:" in out and "routing share (end)" in out
+    assert main(["lm", str(preset), "expansion.mode=experts", "expansion.att_experts_per_domain=1"]) == 2
+    assert "expansion.att_experts_per_domain: must be 0 for an upcycled LlamaForCausalLM" in capsys.readouterr().err
     assert main(["lm", str(preset), "training.lrr=1"]) == 2
     assert "training.lrr" in capsys.readouterr().err
 
@@ -255,3 +269,176 @@ def test_a_saved_moduleformer_loads_as_a_causal_lm_that_can_grow(tmp_path):
     tokenizer.save_pretrained(tmp_path)
     loaded, _ = build_lm(load_lm_config(None, ["model.kind=causal_lm", f"model.name={tmp_path}"]).model)
     assert isinstance(loaded, ExpandableLM) and weights_checksum(loaded) == weights_checksum(model)
+
+
+# ------------------------------------------------------------------------------ experts mode on a dense causal LM
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory):
+    """A tiny random GPT-2 saved with the byte tokenizer."""
+    from transformers import ByT5Tokenizer, GPT2Config, GPT2LMHeadModel
+
+    tokenizer = ByT5Tokenizer()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                                       bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id))
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(params=["llama", "gpt2"])
+def dense_lm(request):
+    """The folder of a tiny dense causal LM (Llama, GPT-2), built with random weights by ``model.random_init``."""
+    return request.getfixturevalue(f"{request.param}_folder")
+
+
+def upcycled_config(tmp_path, cl_root, folder, *overrides):
+    return tiny_config(tmp_path, cl_root, "model.kind=causal_lm", f"model.name={folder}", "model.random_init=true",
+                       "expansion.experts_per_domain=2", *overrides)
+
+
+def heldout_blocks(cl_root, tokenizer):
+    """The held-back blocks ``tiny_config`` evaluates, per domain."""
+    from streams.text import build_text_blocks
+
+    return [build_text_blocks([d], tokenizer, block_size=32, heldout_fraction=0.2, seed=0, data_root=str(cl_root),
+                              max_sentences=60).heldout[:6] for d in DOMAINS]
+
+
+def test_upcycling_changes_no_output_until_a_group_is_switched_on(tmp_path, cl_root, dense_lm):
+    from continual.lm import upcycled_lm
+
+    cfg = upcycled_config(tmp_path, cl_root, dense_lm)
+    lm, _ = build_lm(cfg.model)
+    ids = torch.randint(3, 384, (3, 16), generator=torch.Generator().manual_seed(0))
+    logits = lambda m: m(input_ids=ids).logits
+    with torch.no_grad():
+        before = logits(lm)
+        model = upcycled_lm(lm, cfg.expansion)
+        assert isinstance(model, ExpandableLM) and not any(p.requires_grad for p in model.parameters())
+        out = model(input_ids=ids)
+        assert torch.equal(out.logits, before) and out.concentration_loss is None, "upcycled, no group"
+        assert model.add_experts(2, enabled=False) == 1
+        assert torch.equal(logits(model), before), "group 1 added switched off"
+        set_expert_group_enabled(model, 1, True)
+        assert not torch.allclose(logits(model), before), "on: the FFN's gate drops below 1 (the check can fail)"
+        set_expert_group_enabled(model, 1, False)
+        assert torch.equal(logits(model), before), "off again: fewer than k experts left, every token gets the FFN"
+
+    # a group is one bank slot at every site, under the model's own parameter names
+    names = dict(model.named_parameters())
+    group = model.expert_group_parameters(1)
+    assert set(group) <= set(names) and len(group) == 3 * 2  # w_in, w_out, router at 2 sites
+    assert {id(p) for p in group.values()} == {id(p) for p in model.bank.task_parameters(0)}
+    assert list(model.expert_layers()) == [n.rsplit(".groups.", 1)[0] for n in group if n.endswith(".router")]
+    with pytest.raises(ValueError, match="upcycled with n=2"):
+        model.add_experts(3)
+
+
+def test_experts_mode_upcycles_a_dense_lm_and_trains_only_the_new_group(tmp_path, cl_root, dense_lm):
+    cfg = upcycled_config(tmp_path, cl_root, dense_lm)
+    lm, tokenizer = build_lm(cfg.model)
+    reference = copy.deepcopy(lm)
+    dense = {id(p): p.detach().clone() for p in lm.parameters()}
+    models, states = [], []
+
+    def after_domain(i, model):
+        models.append(model)
+        states.append({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    result = run_continual_lm(cfg, echo=lambda _: None, model=lm, tokenizer=tokenizer, after_domain=after_domain)
+    model = models[-1]
+
+    # the stream starts from the dense model's exact perplexities, and fills the matrix
+    cpu = torch.device("cpu")
+    assert list(result.initial) == [perplexity(reference, blocks, 6, cpu) for blocks in heldout_blocks(cl_root, tokenizer)]
+    assert result.matrix.shape == (2, 2) and np.isfinite(result.matrix).all()
+    assert result.matrix[0, 0] < result.initial[0], "learning a domain's experts must lower its perplexity"
+    assert result.group_share.shape == (2, 3) and np.allclose(result.group_share.sum(1), 1.0)
+    assert (result.group_share[:, 0] > 0).all() and (result.group_share[:, 1:].sum(1) > 0).all()
+
+    # each domain added and trained one group: 2 layers * 2 experts (W_in, W_out, router row)
+    per_domain = sum(2 * pool.parameters_per_expert() for pool in model.expert_layers().values())
+    assert [(r.group, r.added_parameters, r.trainable_parameters) for r in result.records] == [
+        (1, per_domain, per_domain), (2, per_domain, per_domain)]
+
+    # the dense weights never change; everything the first domain left is bit-identical after the second
+    assert all(torch.equal(p, dense[id(p)]) for p in lm.parameters() if id(p) in dense)
+    first, second = states
+    assert all(torch.equal(second[name], tensor) for name, tensor in first.items())
+    assert set(second) - set(first) == set(model.expert_group_parameters(2))
+    assert all(bool(first[n].any()) for n in model.expert_group_parameters(1) if n.endswith("w_out")), "W_out trained"
+
+
+def test_the_routing_losses_reach_the_objective(tmp_path, cl_root, llama_folder):
+    from continual.lm import training_objective, upcycled_lm
+    from continual.models.moduleformer.losses import load_concentration_loss, mutual_information_loss
+
+    cfg = upcycled_config(tmp_path, cl_root, llama_folder)
+    model = upcycled_lm(build_lm(cfg.model)[0], cfg.expansion)
+    model.add_experts(2)
+    model.train()
+    ids = torch.randint(3, 384, (3, 16), generator=torch.Generator().manual_seed(0))
+    out = model(input_ids=ids)
+    routings = [pool.last_routing for pool in model.expert_layers().values()]
+    torch.testing.assert_close(out.concentration_loss, torch.stack([load_concentration_loss(r.probs) for r in routings]).mean())
+    torch.testing.assert_close(out.mi_loss, torch.stack([mutual_information_loss(r.probs) for r in routings]).mean())
+    extra = training_objective(out, ids, 0.0, 0.5) - training_objective(out, ids, 0.0, 0.0)
+    concentration = out.concentration_loss.item()
+    assert concentration > 0 and extra.item() == pytest.approx(0.5 * concentration)
+    extra.backward()
+    routers = [p for n, p in model.expert_group_parameters(1).items() if n.endswith(".router")]
+    assert all(p.grad is not None and bool(p.grad.any()) for p in routers), "the concentration loss moves the router"
+
+
+def test_an_upcycled_lm_whose_first_domain_trains_the_base_recovers_it_exactly(tmp_path, cl_root, llama_folder):
+    """The first domain fine-tunes the dense LM; the second only adds experts, so with them off the first domain's
+    held-back perplexity is the one measured right after it."""
+    cfg = upcycled_config(tmp_path, cl_root, llama_folder, "expansion.first_domain_trains_base=true")
+    models = []
+    result = run_continual_lm(cfg, echo=lambda _: None, after_domain=lambda i, m: models.append(m))
+    assert [r.group for r in result.records] == [None, 1]
+    assert result.records[0].trainable_parameters == result.records[0].total_parameters
+    model, heldout = models[-1], heldout_blocks(cl_root, load_tokenizer(str(llama_folder)))[0]
+    set_expert_group_enabled(model, 1, False)
+    assert perplexity(model, heldout, 6, torch.device("cpu")) == result.matrix[0, 0]
+
+
+def test_training_every_router_of_an_upcycled_lm_moves_only_router_rows(tmp_path, cl_root, llama_folder):
+    cfg = upcycled_config(tmp_path, cl_root, llama_folder, "expansion.train_router=all")
+    states = []
+    run_continual_lm(cfg, echo=lambda _: None,
+                     after_domain=lambda i, m: states.append({n: p.detach().clone() for n, p in m.named_parameters()}))
+    before, after = states
+    routers = {n for n in before if n.endswith(".router")}
+    assert {n.split(".groups.")[1] for n in routers} == {"0.router", "1.router"}  # the FFN's rows and domain 1's
+    assert all(not torch.equal(before[n], after[n]) for n in routers)
+    assert all(torch.equal(before[n], after[n]) for n in before if n not in routers)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["expansion.att_experts_per_domain=1"], "expansion.att_experts_per_domain: must be 0 for an upcycled"),
+        (["expansion.upcycle=slices", "expansion.slices=5"], "expansion.slices: .*divide the FFN width 48"),
+    ],
+)
+def test_an_upcycled_lm_rejects_what_it_cannot_do_naming_the_key(tmp_path, cl_root, llama_folder, overrides, message):
+    from continual.lm import upcycled_lm
+
+    cfg = upcycled_config(tmp_path, cl_root, llama_folder, *overrides)
+    with pytest.raises(ConfigError, match=message):
+        upcycled_lm(build_lm(cfg.model)[0], cfg.expansion)
+
+
+def test_experts_mode_on_a_causal_lm_without_an_ffn_fuser_names_the_mode():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from continual.lm import upcycled_lm
+
+    opt = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, ffn_dim=32, num_hidden_layers=1,
+                                   num_attention_heads=2, word_embed_proj_dim=16, max_position_embeddings=32))
+    with pytest.raises(ConfigError, match="expansion.mode=experts: OPTForCausalLM has no experts to add and cannot be "
+                                          "upcycled .*model_type 'opt'"):
+        upcycled_lm(opt, load_lm_config(None, ["model.kind=causal_lm"]).expansion)

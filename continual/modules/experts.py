@@ -57,7 +57,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, ClassVar, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Callable, ClassVar, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -523,6 +523,23 @@ class TokenMaskFeed:
 def expert_deltas(bank: ModuleBank) -> Dict[str, ExpertsDelta]:
     """Site name -> the :class:`ExpertsDelta` at that site, in model order."""
     return {name: site.delta for name, site in bank.sites().items() if isinstance(site.delta, ExpertsDelta)}
+
+
+def routing_losses(deltas: Iterable[ExpertsDelta]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """The routing losses of the forward just run, each averaged over the expert sites that routed tokens.
+
+    Returns:
+        ``(mutual-information loss H(e|x) - H(e), load concentration loss H(e))``, two scalars over real tokens
+        (:mod:`continual.models.moduleformer.losses`); None when no site routed (no task's experts switched on).
+    """
+    from continual.models.moduleformer.losses import load_concentration_loss, mutual_information_loss
+
+    routings = [delta.last_routing for delta in deltas if delta.last_routing is not None]
+    if not routings:
+        return None
+    mi = torch.stack([mutual_information_loss(r.probs, r.token_mask) for r in routings]).mean()
+    concentration = torch.stack([load_concentration_loss(r.probs, r.token_mask) for r in routings]).mean()
+    return mi, concentration
 
 
 def upcycle(backbone: nn.Module, bank: ModuleBank, targets: Optional[Sequence[str]] = None, **options) -> List[str]:

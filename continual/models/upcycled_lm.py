@@ -1,0 +1,164 @@
+"""A dense Hugging Face causal LM upcycled into a mixture of experts that grows by one group of experts per domain.
+
+Sparse upcycling (Komatsuzaki et al. 2023, "Sparse Upcycling: Training Mixture-of-Experts from Dense Checkpoints",
+ICLR) of every feed-forward block, grown as in ModuleFormer's extendability setting (Shen et al. 2023, "ModuleFormer:
+Modularity Emerges from Mixture-of-Experts", arXiv 2306.04640). No second expert implementation: every FFN becomes
+an ``experts`` site of a :class:`~continual.modules.ModuleBank` (:func:`continual.modules.experts.upcycle`), whose
+shared expert is the FFN itself, so outputs are unchanged at conversion. :class:`UpcycledExpertsLM` shows that bank
+as the ``ExpandableLM`` interface of ``continual.lm``:
+
+- expert **group** ``g >= 1`` is the bank's task **slot** ``g - 1`` at every site (``n`` experts and their router
+  rows); group 0 is the shared FFN expert(s), i.e. the pool's group 0 (router rows only, frozen);
+- :meth:`~UpcycledExpertsLM.expert_layers` returns each site's :class:`~continual.models.moduleformer.experts.ExpertPool`,
+  so usage counting, group slices and router rows read exactly as for a native ModuleFormer;
+- routing is the bank's ``simultaneous`` composition: every token chooses its top-k over the shared experts and the
+  switched-on experts of every group, with no domain id (the same question a native ModuleFormer answers).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Dict, Optional, Sequence
+
+import torch
+from torch import nn
+
+from continual.modules.bank import ModuleBank
+from continual.modules.experts import ExpertsDelta, expert_deltas, routing_losses
+from continual.modules.experts import upcycle as upcycle_ffns  # the constructor's `upcycle` argument shadows the name
+
+if TYPE_CHECKING:  # pragma: no cover
+    from continual.models.moduleformer.experts import ExpertPool
+
+
+class UpcycledExpertsLM(nn.Module):
+    """A dense causal LM whose FFNs are routed expert layers that grow by ``n`` experts per site at a time.
+
+    Implements ``continual.lm.ExpandableLM`` (feed-forward experts only). ``forward`` takes the LM's arguments and
+    returns the LM's output with two more attributes, the routing losses of that forward averaged over the expert
+    sites that routed tokens (None while no group is switched on):
+
+    - ``concentration_loss``: load concentration ``H(e)``;
+    - ``mi_loss``: mutual information (load balancing) ``H(e|x) - H(e)``.
+
+    Args:
+        lm: a Hugging Face Llama-like (Llama, Mistral, Qwen2, SmolLM2) or GPT-2 causal LM. Upcycled in place (its
+            FFNs become expert sites, outputs unchanged) and frozen.
+        n: experts every group adds at every site (the bank's slot size; fixed here).
+        k: experts per token, at most ``shared + n`` (``shared`` = 1 with ``upcycle="copy"``, ``slices`` otherwise).
+        expert_hidden: hidden width of each new expert; 0: a quarter of the model width.
+        gate: "linear" or "mlp" router (see :class:`~continual.modules.experts.ExpertsDelta`).
+        gate_hidden: hidden width of the "mlp" router.
+        upcycle: "copy" (the FFN is the shared expert) or "slices" (``slices`` equal slices of its hidden units).
+        slices: shared experts with ``upcycle="slices"``.
+        activation: activation of the new experts.
+        start_logit: router logit a new expert starts with, against 0 for the shared expert(s).
+        dispatch: expert matmul backend.
+        targets: regexes naming the fused FFN modules to upcycle; None: every block's.
+
+    Raises:
+        ValueError: an architecture without an FFN fuser (e.g. T5), or an invalid expert option.
+    """
+
+    def __init__(
+        self,
+        lm: nn.Module,
+        n: int = 4,
+        k: int = 2,
+        expert_hidden: int = 0,
+        gate: str = "linear",
+        gate_hidden: int = 64,
+        upcycle: str = "copy",
+        slices: int = 4,
+        activation: str = "gelu",
+        start_logit: float = -4.0,
+        dispatch: str = "auto",
+        targets: Optional[Sequence[str]] = None,
+    ):
+        super().__init__()
+        self.lm = lm
+        self.n = n
+        self.bank = ModuleBank("simultaneous")  # a plain object: the sites live inside `lm`
+        options = dict(n=n, k=k, expert_hidden=expert_hidden, gate=gate, gate_hidden=gate_hidden, upcycle=upcycle,
+                       slices=slices, activation=activation, start_logit=float(start_logit), dispatch=dispatch)
+        upcycle_ffns(lm, self.bank, targets, **options)
+        lm.requires_grad_(False)
+
+    @property
+    def config(self):
+        """The wrapped LM's Hugging Face config."""
+        return self.lm.config
+
+    def _deltas(self) -> Dict[str, ExpertsDelta]:
+        """Module path (relative to this model) of each site's expert pool -> the site's kind."""
+        return {f"lm.{site}.delta.pool": delta for site, delta in expert_deltas(self.bank).items()}
+
+    # ------------------------------------------------------------------ ExpandableLM
+    def expert_layers(self) -> Dict[str, "ExpertPool"]:
+        """Every expert site's pool by module name (as in ``named_modules``), in model order."""
+        return {name: delta.pool for name, delta in self._deltas().items()}
+
+    def add_experts(self, n: int, n_att: int = 0, enabled: bool = True) -> int:
+        """Freeze every earlier group, then append group ``g`` (the bank's next slot) at every site.
+
+        Args:
+            n: experts per site; must be the ``n`` this model was upcycled with.
+            n_att: attention experts; must be 0 (an upcycled dense LM has feed-forward experts only).
+            enabled: False adds the group switched off (outputs stay bit-identical).
+
+        Returns:
+            The new group's index (1 for the first).
+        """
+        if n_att:
+            raise ValueError(f"an upcycled {type(self.lm).__name__} has feed-forward experts only, got n_att={n_att}")
+        if n != self.n:
+            raise ValueError(f"this model was upcycled with n={self.n} experts per group and site, got n={n}")
+        for slot in range(self.bank.n_tasks):
+            if slot not in self.bank.frozen:
+                self.bank.freeze_task(slot)
+        slot = self.bank.n_tasks
+        self.bank.add_task(slot)  # switched off: no output changes yet
+        if enabled:
+            self.set_expert_group_enabled(slot + 1, True)
+        return slot + 1
+
+    def expert_group_parameters(self, group: int) -> Dict[str, nn.Parameter]:
+        """One group's parameters at every site by ``named_parameters`` name (group 0: the shared router rows and
+        the "mlp" router's hidden layer; group ``g >= 1``: ``bank.task_parameters(g - 1)``)."""
+        return {
+            f"{name}.{key}": param
+            for name, pool in self.expert_layers().items()
+            for key, param in pool.group_parameters(group).items()
+        }
+
+    # ------------------------------------------------------------------ switching and usage
+    def set_expert_group_enabled(self, group: int, enabled: bool) -> None:
+        """Switch group ``g >= 1`` on or off at every site. Unlike a native pool, fewer than ``k`` experts may stay
+        on: a token that cannot choose ``k`` gets the dense FFN exactly."""
+        if group == 0:
+            raise ValueError("group 0 is the dense FFN itself and is always on")
+        for delta in expert_deltas(self.bank).values():
+            delta.set_slot_enabled(group - 1, enabled)
+
+    def record_expert_usage(self, on: bool = True) -> None:
+        """Start (or stop) counting expert selections at every site."""
+        for pool in self.expert_layers().values():
+            pool.record_usage = on
+
+    def reset_expert_usage(self) -> None:
+        for pool in self.expert_layers().values():
+            pool.reset_usage()
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None, **kwargs):
+        """The LM's output for ``input_ids [B, T]`` (or ``inputs_embeds``), with ``concentration_loss`` and
+        ``mi_loss`` set (scalars, or None when no site routed)."""
+        ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if ref is None:
+            raise ValueError("pass input_ids or inputs_embeds")
+        # The composition is simultaneous, so the ids only size the batch: every sample may use every group.
+        with self.bank.route(torch.zeros(ref.shape[0], dtype=torch.long, device=ref.device)):
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        losses = routing_losses(expert_deltas(self.bank).values())
+        out.mi_loss, out.concentration_loss = losses if losses is not None else (None, None)
+        return out
+
