@@ -266,6 +266,8 @@ class ExpandableLM(Protocol):
 
     def expert_layers(self) -> Dict[str, nn.Module]: ...
 
+    def set_expert_group_enabled(self, group: int, enabled: bool) -> None: ...
+
 
 def load_tokenizer(name: str):
     """``"byte"`` (a ByT5 byte tokenizer, built without files) or the tokenizer of a backbone name or folder."""
@@ -336,13 +338,7 @@ def expert_router_parameters(model: ExpandableLM) -> List[nn.Parameter]:
 
 def set_expert_group_enabled(model: ExpandableLM, group: int, enabled: bool) -> None:
     """Switch one group of experts on or off in every expert layer (off: never selected, outputs as without it)."""
-    if hasattr(model, "set_expert_group_enabled"):  # an upcycled LM: it may leave fewer than k experts on
-        model.set_expert_group_enabled(group, enabled)
-        return
-    for layer in model.expert_layers().values():
-        span = layer.group_slice(group)
-        if span.stop > span.start:
-            layer.set_enabled(torch.arange(span.start, span.stop), enabled)
+    model.set_expert_group_enabled(group, enabled)
 
 
 @torch.no_grad()

@@ -44,43 +44,21 @@ class UpcycledExpertsLM(nn.Module):
         lm: a Hugging Face Llama-like (Llama, Mistral, Qwen2, SmolLM2) or GPT-2 causal LM. Upcycled in place (its
             FFNs become expert sites, outputs unchanged) and frozen.
         n: experts every group adds at every site (the bank's slot size; fixed here).
-        k: experts per token, at most ``shared + n`` (``shared`` = 1 with ``upcycle="copy"``, ``slices`` otherwise).
-        expert_hidden: hidden width of each new expert; 0: a quarter of the model width.
-        gate: "linear" or "mlp" router (see :class:`~continual.modules.experts.ExpertsDelta`).
-        gate_hidden: hidden width of the "mlp" router.
-        upcycle: "copy" (the FFN is the shared expert) or "slices" (``slices`` equal slices of its hidden units).
-        slices: shared experts with ``upcycle="slices"``.
-        activation: activation of the new experts.
-        start_logit: router logit a new expert starts with, against 0 for the shared expert(s).
-        dispatch: expert matmul backend.
         targets: regexes naming the fused FFN modules to upcycle; None: every block's.
+        **options: the other :class:`~continual.modules.experts.ExpertsDelta` options (``k``, ``expert_hidden``,
+            ``gate``, ``gate_hidden``, ``upcycle``, ``slices``, ``activation``, ``start_logit``, ``dispatch``), with
+            its defaults.
 
     Raises:
         ValueError: an architecture without an FFN fuser (e.g. T5), or an invalid expert option.
     """
 
-    def __init__(
-        self,
-        lm: nn.Module,
-        n: int = 4,
-        k: int = 2,
-        expert_hidden: int = 0,
-        gate: str = "linear",
-        gate_hidden: int = 64,
-        upcycle: str = "copy",
-        slices: int = 4,
-        activation: str = "gelu",
-        start_logit: float = -4.0,
-        dispatch: str = "auto",
-        targets: Optional[Sequence[str]] = None,
-    ):
+    def __init__(self, lm: nn.Module, n: int = 4, targets: Optional[Sequence[str]] = None, **options):
         super().__init__()
         self.lm = lm
         self.n = n
         self.bank = ModuleBank("simultaneous")  # a plain object: the sites live inside `lm`
-        options = dict(n=n, k=k, expert_hidden=expert_hidden, gate=gate, gate_hidden=gate_hidden, upcycle=upcycle,
-                       slices=slices, activation=activation, start_logit=float(start_logit), dispatch=dispatch)
-        upcycle_ffns(lm, self.bank, targets, **options)
+        upcycle_ffns(lm, self.bank, targets, n=n, **options)
         lm.requires_grad_(False)
 
     @property

@@ -139,6 +139,13 @@ class ModuleFormerPreTrainedModel(PreTrainedModel):
             for key, param in layer.group_parameters(group).items()
         }
 
+    def set_expert_group_enabled(self, group: int, enabled: bool) -> None:
+        """Switch one group on or off in every expert layer (off: never selected, outputs as without it)."""
+        for layer in self.expert_layers().values():
+            span = layer.group_slice(group)
+            if span.stop > span.start:
+                layer.set_enabled(torch.arange(span.start, span.stop), enabled)
+
     def freeze_expert_group(self, group: int) -> None:
         """Stop one group of every expert layer from training (see :meth:`expert_group_parameters`)."""
         for param in self.expert_group_parameters(group).values():
