@@ -23,6 +23,7 @@ import json
 import os
 import statistics
 import sys
+import zlib
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -62,8 +63,36 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--label-words", default="{}", help='JSON {task: {label: word}} added to the built-in yelp/amazon words')
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1...")
-    parser.add_argument("--json", default=None, help="also write every accuracy to this JSON file")
+    parser.add_argument("--json", default=None, help="also write every accuracy to this JSON file (rewritten after each run)")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="print one table from the --json files of earlier runs (e.g. one per task) and exit")
     return parser.parse_args()
+
+
+def merge(files: List[str]) -> None:
+    """One table from several ``--json`` files: same seeds and settings, tasks joined in the order given."""
+    acc: Dict[str, Dict[str, List[float]]] = {}
+    shots: Dict[str, List[int]] = {}
+    first = None
+    for file in files:
+        try:
+            saved = json.loads(Path(file).read_text())
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"--merge: cannot read {file}: {err}")
+        run_args = saved["args"]
+        if first is None:
+            first = run_args
+        elif run_args["seeds"] != first["seeds"]:
+            raise SystemExit(f"--merge: {file} has seeds {run_args['seeds']}, {files[0]} has {first['seeds']}")
+        for setting, by_task in saved["accuracy"].items():
+            acc.setdefault(setting, {}).update(by_task)
+        shots.update(saved["shots"])
+    tasks = list(shots)
+    for setting, by_task in acc.items():
+        missing = [t for t in tasks if len(by_task.get(t, [])) != len(first["seeds"])]
+        if missing:
+            raise SystemExit(f"--merge: setting {setting!r} lacks complete results for {missing}")
+    report(argparse.Namespace(**{**first, "tasks": tasks}), acc, shots)
 
 
 def accuracy(model, x: torch.Tensor, y: torch.Tensor, task: int, batch_size: int) -> float:
@@ -78,6 +107,8 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor, task: int, batch_size: int
 
 def main() -> None:
     args = parse_args()
+    if args.merge:
+        return merge(args.merge)
     from tqdm.auto import tqdm
 
     from continual.expansion import resolve_device
@@ -119,7 +150,7 @@ def main() -> None:
     runs = [(s, i) for s in args.seeds for i in range(len(args.tasks))]
     for seed, index in tqdm(runs, desc="seed x task", unit="run"):
         name, d = args.tasks[index], data[index]
-        rng = np.random.default_rng([seed, index])
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])  # by name: a run of fewer tasks draws the same shots
         chosen = rng.permutation(len(d.train))[: args.shots].tolist()
         context = build_context(fmt, tokenizer, [d.train.texts[i] for i in chosen],
                                 [label_ids[index][d.train.labels[i]] for i in chosen], budget)
@@ -129,10 +160,10 @@ def main() -> None:
             model = TinTClassifier(lm, fmt, [label_ids[index]], step, loss=loss)
             model.set_context(0, context)
             acc[setting][name].append(accuracy(model, x, y, 0, args.batch_size))
+        if args.json:  # after every run, so an interrupted grid keeps what it measured
+            Path(args.json).write_text(json.dumps({"args": vars(args), "accuracy": acc, "shots": shots_used}, indent=2))
 
     report(args, acc, shots_used)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "accuracy": acc, "shots": shots_used}, indent=2))
 
 
 def _mean_std(values: List[float]) -> str:

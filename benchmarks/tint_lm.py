@@ -45,6 +45,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--exact-backward", action="store_true", help="exact norm/activation backward instead of TinT's first order")
     parser.add_argument("--batch-size", type=int, default=8, help="chunks per batch for the plain losses")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1...")
+    parser.add_argument("--json", default=None, help="also write every result to this JSON file (rewritten after each setting)")
     return parser.parse_args()
 
 
@@ -75,6 +76,7 @@ def main() -> None:
     chunks = chunk_tokens(ids, args.chunk_length, args.chunks).to(device)
     print(f"model {args.model}{' (random init)' if args.random_init else ''}: {chunks.shape[0]} chunks x "
           f"{args.chunk_length} tokens from {', '.join(args.tasks)} (test splits); first half trains, loss on the rest")
+    rows = []
     print(f"{'setting':24s}{'plain loss':>12s}{'step loss':>12s}{'plain ppl':>12s}{'step ppl':>12s}{'gain ± std':>20s}")
     for layers in args.layers:
         for lr in args.lrs:
@@ -84,7 +86,11 @@ def main() -> None:
             std = float(gain.std()) if gain.numel() > 1 else 0.0
             print(f"{f'top-{layers} lr={lr:g}':24s}{result.plain_loss:12.4f}{result.tint_loss:12.4f}"
                   f"{math.exp(result.plain_loss):12.2f}{math.exp(result.tint_loss):12.2f}"
-                  f"{f'{float(gain.mean()):+.4f} ± {std:.4f}':>20s}")
+                  f"{f'{float(gain.mean()):+.4f} ± {std:.4f}':>20s}", flush=True)
+            rows.append({"layers": layers, "lr": lr, "plain_loss": result.plain_loss, "step_loss": result.tint_loss,
+                         "gain": float(gain.mean()), "gain_std": std, "chunks": int(gain.numel())})
+            if args.json:
+                Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2))
 
 
 if __name__ == "__main__":
