@@ -10,7 +10,10 @@ answered after ``context + text + infix`` by the label word with the highest pro
 model on the same prompts (in-context learning only); every other setting first takes one SGD step on the context
 (top ``layers`` blocks, inner learning rate ``lr``, loss on the whole context or on the label words only). Prints
 accuracy mean ± std over seeds and the gain over plain (mean ± std of the per-seed differences), per task and on
-average. Smoke run on a tiny random model:
+average. ``--json`` keeps every accuracy (rewritten after each task x seed run, so an interrupted grid keeps what it
+measured); shots are drawn by task name, so one process per task draws what a joint run draws, and
+``--merge fs_SST-2.json fs_agnews.json ...`` prints the joint table from such per-task files. Smoke run on a tiny
+random model:
 
     python benchmarks/tint_fewshot.py --model <folder with a tiny GPT-2 and its tokenizer> --random-init \\
         --shots 4 --seeds 0 1 --layers 1 all --lrs 1e-2 --eval-examples 16 --device cpu

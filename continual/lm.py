@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from continual.config import ConfigError, TrackingConfig, flatten, merge_layers, read_layers, to_yaml
+from continual.report import fresh_run_dir
 from continual.modules.experts import GATES, UPCYCLING
 
 MODEL_KINDS = ("moduleformer", "causal_lm")
@@ -718,8 +719,8 @@ def run_continual_lm(
     result = LMResult(domains, x.mode, np.full((D, D), np.nan), np.full(D, np.nan),
                       None if general is None else np.full(D + 1, np.nan))
     experiment, run_name = default_lm_names(cfg)
-    output_dir = Path(cfg.tracking.output_dir) / experiment / run_name
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = fresh_run_dir(Path(cfg.tracking.output_dir) / experiment, run_name)
+    run_name = output_dir.name  # suffixed when an earlier run's artifacts are there: never overwritten
     (output_dir / "config.yaml").write_text(to_yaml(cfg))
     step = 0  # global training step over every phase, for the training-loss curves
 

@@ -22,6 +22,27 @@ PathLike = Union[str, Path]
 _MISSING = "-"  # how a value that was not measured (NaN) is shown in text
 
 
+def fresh_run_dir(parent: PathLike, name: str) -> Path:
+    """A new, empty folder ``parent/name`` for a run's artifacts, created now.
+
+    Runs that share a name (two presets of one strategy, backbone and seed, say) would otherwise overwrite each
+    other's plots and summaries: when ``parent/name`` already holds files, the next free ``name-2``, ``name-3``... is
+    taken instead, and the caller reports the folder it got.
+    """
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    candidate, k = parent / name, 1
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            if candidate.is_dir() and not any(candidate.iterdir()):
+                return candidate
+        k += 1
+        candidate = parent / f"{name}-{k}"
+
+
 def _pct(value: float, fmt: str = ".1f") -> str:
     """Formats a 0..1 accuracy (or difference) in percent, ``-`` for NaN/None."""
     if value is None or not math.isfinite(float(value)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -33,6 +34,7 @@ class RunResult:
     matrix: np.ndarray  # [T, T] float, NaN where not evaluated
     initial: Optional[np.ndarray] = None  # [T] or None
     records: List[TaskRecord] = field(default_factory=list)
+    output_dir: Optional[Path] = None  # where the run wrote its artifacts (set by run_experiment)
 
     def to_dict(self) -> Dict:
         return {

@@ -92,13 +92,15 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
         progress=cfg.training.progress,
     )
 
+    from continual.report import fresh_run_dir
+
     experiment, run_name = default_names(cfg)
-    output_dir = Path(cfg.tracking.output_dir) / experiment / run_name
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = fresh_run_dir(Path(cfg.tracking.output_dir) / experiment, run_name)
+    run_name = output_dir.name  # the MLflow run and its folder share a name, suffixed when an earlier run had it
     (output_dir / "config.yaml").write_text(to_yaml(cfg))
     names = [t.name for t in tasks]
     T = len(tasks)
-    result = RunResult(task_names=names, matrix=np.full((T, T), np.nan))
+    result = RunResult(task_names=names, matrix=np.full((T, T), np.nan), output_dir=output_dir)
     tags = {"stream": stream.name, "strategy": cfg.strategy.name, "backbone": cfg.backbone.name, "seed": str(cfg.seed)}
 
     def evaluate_row() -> np.ndarray:

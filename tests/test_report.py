@@ -13,6 +13,7 @@ import pytest
 from continual.metrics import summarize
 from continual.report import (
     format_table,
+    fresh_run_dir,
     plot_accuracy_matrix,
     plot_forgetting_curves,
     save_matrix_csv,
@@ -151,3 +152,16 @@ def test_import_is_cheap():
                          cwd=Path(__file__).resolve().parents[1],
                          env={"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PATH": ""})
     assert out.stdout.strip() == "False"
+
+
+def test_fresh_run_dir_never_reuses_a_folder_with_artifacts(tmp_path):
+    first = fresh_run_dir(tmp_path / "exp", "tint-smollm2-seed0")
+    assert first == tmp_path / "exp" / "tint-smollm2-seed0" and first.is_dir()
+    (first / "summary.json").write_text("{}")
+    second = fresh_run_dir(tmp_path / "exp", "tint-smollm2-seed0")
+    assert second.name == "tint-smollm2-seed0-2"
+    (second / "summary.json").write_text("{}")
+    assert fresh_run_dir(tmp_path / "exp", "tint-smollm2-seed0").name == "tint-smollm2-seed0-3"
+    (tmp_path / "exp" / "empty").mkdir()
+    assert fresh_run_dir(tmp_path / "exp", "empty") == tmp_path / "exp" / "empty"  # an empty folder is taken as is
+    assert (first / "summary.json").read_text() == "{}"

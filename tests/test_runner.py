@@ -51,7 +51,8 @@ def test_full_finetune_fills_the_matrix_and_logs_everything(tiny_experiment, tmp
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"accuracy_matrix.csv", "accuracy_matrix.png", "forgetting_curves.png", "summary.json", "config.yaml"} <= artifacts
 
-    summary = json.loads((tmp_path / "outputs" / "custom" / "ft" / "summary.json").read_text())
+    assert result.output_dir == tmp_path / "outputs" / "custom" / "ft"
+    summary = json.loads((result.output_dir / "summary.json").read_text())
     assert summary["extra"]["failed"] is False
 
 
