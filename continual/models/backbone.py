@@ -113,6 +113,8 @@ def _offline() -> bool:
 def load_config(name: str, overrides: Mapping[str, Any] | None = None, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
+    import continual.models.moduleformer  # noqa: F401  (lets the Auto classes read native ModuleFormer folders)
+
     source = resolve_backbone(name)
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=_offline())

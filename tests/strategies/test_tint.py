@@ -115,3 +115,27 @@ def test_more_layers_than_the_model_has_fail_before_evaluation(tint_experiment):
 
     with pytest.raises(ValueError, match=r"strategy.layers: layers=3: the model has 2 blocks"):
         run_experiment(tint_experiment("strategy.layers=3"), echo=lambda *_: None)
+
+
+@pytest.mark.slow
+def test_tint_runs_on_a_native_moduleformer_folder(tint_experiment, tmp_path):
+    """A saved native ModuleFormer (no key/value cache, its own stop-gradient) is a TinT backbone like GPT-2."""
+    from transformers import AutoTokenizer
+
+    from continual.models.moduleformer import ModuleFormerConfig, ModuleFormerForCausalLM
+    from continual.runner import run_experiment
+
+    folder = tmp_path / "tiny-moduleformer"
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tiny-gpt2")  # written by the fixture
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = ModuleFormerConfig(vocab_size=len(tokenizer), d_model=32, n_layer=2, n_head=2, head_dim=8, n_att_experts=2,
+                                n_ffn_experts=4, ffn_hidden=32, gate_hidden=16, max_position_embeddings=512)
+    ModuleFormerForCausalLM(config).save_pretrained(folder)
+    cfg = tint_experiment(f"backbone.name={folder}", "tracking.run_name=tint-moduleformer")
+    result = run_experiment(cfg, echo=lambda *_: None)
+    assert result.matrix.shape == (2, 2) and np.isfinite(result.matrix).all()
+    assert [r.stored_parameters for r in result.records] == [0, 0]
+    assert result.matrix[1, 0] == pytest.approx(result.matrix[0, 0])
+    saved = json.loads((result.output_dir / "summary.json").read_text())
+    assert saved["extra"]["config"]["backbone.name"] == str(folder)

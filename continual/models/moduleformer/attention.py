@@ -157,6 +157,8 @@ class MixtureOfAttentionHeads(ExpertPool):
         keys = self.k_proj(x).view(B, T, H, hd).transpose(1, 2).unsqueeze(1)  # [B, 1, H, T, hd]
         values = self.v_proj(x).view(B, T, H, hd).transpose(1, 2).unsqueeze(1)
         weights = stick_breaking_weights(q, keys, attention_mask, self.attend_current)  # [B, K, H, T, T]
+        if self.stop_gradient_mixing:  # TinT's stop-gradient attention: no gradient reaches queries or keys
+            weights = weights.detach()
         out = torch.matmul(self.attn_dropout(weights).to(values.dtype), values)  # [B, K, H, T, hd]
 
         out = out.permute(0, 3, 1, 2, 4).reshape(B * T * K, H * hd)  # row token * K + slot, like indices.flatten()

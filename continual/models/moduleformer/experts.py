@@ -283,6 +283,9 @@ class ExpertPool(nn.Module):
         self.groups = nn.ModuleList(ExpertGroup(n, self.shapes, self.router_dim, self.init_std) for n in sizes)
         # Opt-in usage counters (not saved with the model) and the last forward's routing (kept for the losses).
         self.record_usage = False
+        # True: the gates are constants to autograd (TinT's stop-gradient approximation, continual.models.tint); the
+        # forward values are unchanged.
+        self.stop_gradient_mixing = False
         self._usage: Optional[ExpertUsage] = None
         self.last_routing: Optional[RouterOutput] = None
 
@@ -433,6 +436,8 @@ class ExpertPool(nn.Module):
             token_mask = token_mask.reshape(-1).bool()
             if token_mask.shape[0] != x.shape[0]:
                 raise ValueError(f"token_mask has {token_mask.shape[0]} tokens but x has {x.shape[0]}")
+        if self.stop_gradient_mixing:
+            gates = gates.detach()
         out = RouterOutput(probs=probs, indices=indices, gates=gates, token_mask=token_mask)
         if self.record_usage:
             self._record(out)
@@ -514,6 +519,22 @@ def expand_sample_mask(expert_mask: Optional[torch.Tensor], leading: Tuple[int, 
 
 
 # ---------------------------------------------------------------------------------------------------- FFN experts
+class Activation(nn.Module):
+    """An elementwise activation of :data:`ACTIVATIONS` as a module (no parameters), so that hooks can reach it."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        if name not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {name!r}")
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ACTIVATIONS[self.name](x)
+
+    def extra_repr(self) -> str:
+        return self.name
+
+
 class ExpertLayer(ExpertPool):
     """Feed-forward experts ``W_out_e act(W_in_e x)`` mixed by a top-k router (no biases).
 
@@ -548,6 +569,7 @@ class ExpertLayer(ExpertPool):
             init_std,
         )
         self.hidden, self.activation = hidden, activation
+        self.act = Activation(activation)
 
     def forward(
         self,
@@ -570,7 +592,7 @@ class ExpertLayer(ExpertPool):
         routing = self.route(flat, expand_sample_mask(expert_mask, tuple(shape[:-1])), token_mask)
         order, counts = sort_by_expert(routing.indices, self.n_experts)
         token_of = torch.div(order, self.k, rounding_mode="floor")  # [N * k] token of each sorted assignment
-        h = ACTIVATIONS[self.activation](self.expert_matmul("w_in", flat.index_select(0, token_of), counts))
+        h = self.act(self.expert_matmul("w_in", flat.index_select(0, token_of), counts))
         y_sorted = self.expert_matmul("w_out", h, counts)
         y_sorted = y_sorted * routing.gates.reshape(-1).index_select(0, order).to(y_sorted.dtype)[:, None]
         y = flat.new_zeros(flat.shape).index_add(0, token_of, y_sorted)

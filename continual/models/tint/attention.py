@@ -7,7 +7,11 @@ projections get no gradient. Here that is an attention function registered under
 transformers' ``AttentionInterface`` (no transformers source is edited): eager attention whose softmax output is
 detached. :func:`detached_attention` switches a model to it for the duration of a ``with`` block.
 
-Supported: models whose attention modules dispatch through ``ALL_ATTENTION_FUNCTIONS`` with
+A family whose attention does not use that interface gives its own ``stop_gradient`` context manager in its TinT
+layout (:mod:`.layouts`); :func:`detached_attention` uses it: the native ModuleFormer (``moduleformer``), whose
+stick-breaking attention weights and router gates become constants.
+
+Supported through the interface: models whose attention modules dispatch through ``ALL_ATTENTION_FUNCTIONS`` with
 ``(module, query, key, value, attention_mask, scaling, dropout)`` and no extra score terms: GPT-2 (``gpt2``) and
 Llama (``llama``, SmolLM2 included; grouped-query attention handled) in transformers 5. Any other ``model_type``, GPT-2
 with ``reorder_and_upcast_attn``, and calls that ask for a sliding window or logit soft-capping fail with a clear
@@ -81,13 +85,26 @@ def _register() -> None:
 _register()
 
 
+def _own_stop_gradient(model: nn.Module):
+    """The ``stop_gradient`` of ``model``'s TinT layout, or None when its attention uses the interface."""
+    from continual.models.tint.layouts import LAYOUTS
+
+    layout = LAYOUTS.get(getattr(getattr(model, "config", None), "model_type", None))
+    return getattr(layout, "stop_gradient", None)
+
+
 def check_supported(model: nn.Module) -> None:
     """Raise a ValueError naming the supported model types when ``model`` cannot use detached attention."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
+    if _own_stop_gradient(model) is not None:
+        return
     if model_type not in SUPPORTED_MODEL_TYPES:
+        from continual.models.tint.layouts import LAYOUTS
+
+        own = sorted(t for t, layout in LAYOUTS.items() if hasattr(layout, "stop_gradient"))
         raise ValueError(
-            f"stop-gradient attention is implemented for model types {', '.join(SUPPORTED_MODEL_TYPES)}, "
+            f"stop-gradient attention is implemented for model types {', '.join(SUPPORTED_MODEL_TYPES + tuple(own))}, "
             f"not {model_type!r}"
         )
     if getattr(config, "reorder_and_upcast_attn", False):
@@ -102,6 +119,11 @@ def detached_attention(model: nn.Module) -> Iterator[None]:
     """Run ``model`` with stop-gradient attention inside the block; its previous implementation is restored on exit
     (also after an exception)."""
     check_supported(model)
+    own = _own_stop_gradient(model)
+    if own is not None:
+        with own(model):
+            yield
+        return
     previous = model.config._attn_implementation
     model.set_attn_implementation(DETACHED)
     try:

@@ -20,6 +20,7 @@ import torch
 from avalanche.models import MultiTaskModule
 from torch import nn
 
+from continual.models.tint.layouts import has_kv_cache
 from continual.models.tint.one_step import InnerStep, ParameterUpdate, applied, one_step_update
 from continual.models.tint.prompts import Context, PromptFormat, assemble_queries, strip_queries
 
@@ -104,7 +105,7 @@ class TinTClassifier(MultiTaskModule):
     """Label-word classification by a causal LM with one internal fine-tuning step per task context.
 
     Args:
-        lm: a Hugging Face causal LM of a supported family (GPT-2, Llama).
+        lm: a Hugging Face causal LM of a supported family (GPT-2, Llama, the native ModuleFormer).
         fmt: the prompt template.
         label_ids: per task, the label-word token id of each class.
         step: the inner step (learning rate, top layers, first-order options).
@@ -112,7 +113,8 @@ class TinTClassifier(MultiTaskModule):
         query_with_context: score queries after the context (in-context learning plus the step, as in TinT's one
             forward pass); False scores the query alone with the updated weights.
         reuse_context: run the shared context once per batch and reuse its keys and values for every query
-            (:func:`label_logprobs_after`); False runs ``context + query`` for each row (same numbers, slower).
+            (:func:`label_logprobs_after`); False runs ``context + query`` for each row (same numbers, slower). A
+            family without a key/value cache (ModuleFormer) always runs ``context + query``.
     """
 
     def __init__(
@@ -188,7 +190,7 @@ class TinTClassifier(MultiTaskModule):
         if context is not None and self.query_with_context:
             head = context.ids
         head = head.to(queries.device)
-        split = self.reuse_context and head.numel() > 0
+        split = self.reuse_context and head.numel() > 0 and has_kv_cache(self.lm)  # ModuleFormer: no cache
         input_ids, mask = assemble_queries(head[:0] if split else head, queries, lengths, self.fmt.infix, self.fmt.pad_id)
         labels = self.heads.label_ids[task]
         update = self.update_for(task)

@@ -7,14 +7,17 @@ family, which blocks there are and, in each block, which tensors (or which slice
 which modules are normalisations and which are elementwise activations. One :func:`register_layout` call per family;
 ``config.model_type`` picks the layout.
 
-Supported: GPT-2 (``gpt2``) and Llama (``llama``, which covers SmolLM2). Another family (ModuleFormer, Qwen2...)
-plugs in with one more registration here and, if its attention differs, in :mod:`.attention`.
+Supported: GPT-2 (``gpt2``), Llama (``llama``, which covers SmolLM2) and the native ModuleFormer (``moduleformer``,
+:mod:`continual.models.moduleformer`). Another family (Qwen2...) plugs in with one more registration here; a family
+whose attention does not go through transformers' ``AttentionInterface`` also says how to stop its gradients
+(``stop_gradient``, see :class:`ModuleFormerLayout`) and whether it has a key/value cache (``kv_cache``).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -68,7 +71,13 @@ class BlockSites:
 
 
 class CausalLMLayout(Protocol):
-    """One architecture family's answers to "where does the update act"."""
+    """One architecture family's answers to "where does the update act".
+
+    Optional attributes: ``kv_cache`` (default True: the model accepts ``past_key_values``, so a shared context is
+    run once per batch) and ``stop_gradient(model)`` (a context manager that makes the family's attention
+    probabilities, and any other mixing weights, constants to autograd; without it the attention goes through
+    transformers' ``AttentionInterface``, see :mod:`.attention`).
+    """
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
         """The transformer blocks, bottom to top."""
@@ -186,7 +195,61 @@ def _rms(module: nn.Module) -> NormSite:
     return NormSite(module, "rmsnorm", float(eps))
 
 
+class ModuleFormerLayout:
+    """The native ModuleFormer (:mod:`continual.models.moduleformer`): ``transformer.blocks[i]``.
+
+    Updated, as TinT's value/output/MLP rule reads for a mixture of experts: the shared value projection
+    ``attn.v_proj``, every attention expert's output projection ``attn.groups[g].w_o``, every FFN expert's ``w_in``
+    and ``w_out``, and the biases of ``ln_attn`` and ``ln_ffn``. Never updated: the experts' query projections, the
+    shared key projection and the routers (the counterparts of queries and keys). Stop-gradient covers both kinds
+    of mixing weights: the stick-breaking attention weights and the routers' gates are constants to autograd. No
+    key/value cache, so a context is run again with each batch of queries.
+    """
+
+    kv_cache = False
+
+    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
+        return model.transformer.blocks
+
+    def block_sites(self, model: nn.Module, index: int) -> BlockSites:
+        block = model.transformer.blocks[index]
+        prefix = f"transformer.blocks.{index}"
+        update = [UpdateSite(f"{prefix}.attn.v_proj.weight", block.attn.v_proj.weight)]
+        for pool, roles in (("attn", ("w_o",)), ("ffn", ("w_in", "w_out"))):
+            for g, group in enumerate(block.get_submodule(pool).groups):
+                update += [UpdateSite(f"{prefix}.{pool}.groups.{g}.{role}", getattr(group, role))
+                           for role in roles if group.n > 0]
+        update += _norm_bias(f"{prefix}.ln_attn", block.ln_attn) + _norm_bias(f"{prefix}.ln_ffn", block.ln_ffn)
+        norms = [NormSite(block.ln_attn, "layernorm", block.ln_attn.eps), NormSite(block.ln_ffn, "layernorm", block.ln_ffn.eps)]
+        return BlockSites(update=update, norms=norms, activations=[block.ffn.act])
+
+    def final_norm(self, model: nn.Module) -> NormSite:
+        norm = model.transformer.norm
+        return NormSite(norm, "layernorm", norm.eps)
+
+    def final_norm_sites(self, model: nn.Module) -> List[UpdateSite]:
+        return _norm_bias("transformer.norm", model.transformer.norm)
+
+    @contextmanager
+    def stop_gradient(self, model: nn.Module) -> Iterator[None]:
+        pools = [m for block in self.blocks(model) for m in (block.attn, block.ffn)]
+        previous = [pool.stop_gradient_mixing for pool in pools]
+        try:
+            for pool in pools:
+                pool.stop_gradient_mixing = True
+            yield
+        finally:
+            for pool, flag in zip(pools, previous):
+                pool.stop_gradient_mixing = flag
+
+
+def has_kv_cache(model: nn.Module) -> bool:
+    """Whether ``model``'s family takes ``past_key_values`` (see ``CausalLMLayout``)."""
+    return bool(getattr(layout_for(model), "kv_cache", True))
+
+
 register_layout(["gpt2"], GPT2Layout())
+register_layout(["moduleformer"], ModuleFormerLayout())
 register_layout(["llama"], LlamaLayout())
 
 

@@ -1,4 +1,4 @@
-"""Tiny random causal LMs (GPT-2 and Llama, 2 blocks, width 32) and a byte-level BPE tokenizer trained in
+"""Tiny random causal LMs (GPT-2, Llama and the native ModuleFormer, 2 blocks, width 32) and a byte-level BPE tokenizer trained in
 milliseconds on real CL_Benchmark sentences, so prompts and label words behave as with a real GPT-2 tokenizer."""
 
 from __future__ import annotations
@@ -69,6 +69,22 @@ def tiny_llama(vocab_size: int, dtype=torch.float32, seed: int = 0):
     return model
 
 
+def tiny_moduleformer(vocab_size: int, dtype=torch.float32, seed: int = 0):
+    """Two blocks of 3 attention / 4 FFN experts (k=2) plus a second group (1 / 2 experts), as after one task."""
+    from continual.models.moduleformer import ModuleFormerConfig, ModuleFormerForCausalLM
+
+    torch.manual_seed(seed)
+    config = ModuleFormerConfig(
+        vocab_size=vocab_size, d_model=32, n_layer=2, n_head=2, head_dim=8, n_att_experts=3, k_att=2, n_ffn_experts=4,
+        k_ffn=2, ffn_hidden=32, gate_hidden=16, expert_dispatch="loop", bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    model = ModuleFormerForCausalLM(config)
+    model.add_experts(2, n_att=1)
+    model = model.to(dtype).eval()
+    _spread_norms(model)
+    return model
+
+
 def _spread_norms(model) -> None:
     """Random init sets norm weights to 1 and biases to 0; perturb them so that layer-norm terms are exercised."""
     with torch.no_grad():
@@ -87,7 +103,12 @@ def llama(bpe_tokenizer):
     return tiny_llama(len(bpe_tokenizer))
 
 
-@pytest.fixture(params=["gpt2", "llama"])
+@pytest.fixture
+def moduleformer(bpe_tokenizer):
+    return tiny_moduleformer(len(bpe_tokenizer))
+
+
+@pytest.fixture(params=["gpt2", "llama", "moduleformer"])
 def tiny_lm(request, bpe_tokenizer):
-    build = tiny_gpt2 if request.param == "gpt2" else tiny_llama
+    build = {"gpt2": tiny_gpt2, "llama": tiny_llama, "moduleformer": tiny_moduleformer}[request.param]
     return build(len(bpe_tokenizer))

@@ -11,6 +11,9 @@ from continual.models.tint.layouts import layout_for, resolve_layers, update_sit
 from continual.models.tint.one_step import InnerStep, applied, context_loss, one_step_update
 
 
+FINAL_NORM_BIASES = {"transformer.ln_f.bias", "model.norm.bias", "transformer.norm.bias"}
+
+
 def _batch(vocab: int, B=2, T=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, vocab, (B, T), generator=g)
@@ -45,7 +48,7 @@ def test_update_touches_only_allowed_tensors_of_the_top_layers_and_restores_exac
         assert changed and changed <= allowed
         for name in allowed:  # every allowed tensor changes, and only inside the top blocks / final norm
             assert name in changed, name
-            assert any(f".{i}." in name for i in top) or "ln_f" in name or "model.norm" in name
+            assert any(f".{i}." in name for i in top) or name in FINAL_NORM_BIASES
         if model.config.model_type == "gpt2":  # fused q|k|v: queries and keys stay, values move
             d = model.config.hidden_size
             for i in top:
@@ -57,7 +60,9 @@ def test_update_touches_only_allowed_tensors_of_the_top_layers_and_restores_exac
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # bit-exact restore
 
     # names the update is not allowed to touch: queries, keys, embeddings, norm weights, lower blocks
-    forbidden = {"q_proj", "k_proj", "wte", "wpe", "embed_tokens", "lm_head"}
+    # (ModuleFormer: the experts' queries, the shared keys, the routers and their gate layers)
+    forbidden = {"q_proj", "k_proj", "wte", "wpe", "embed_tokens", "lm_head", ".w_q", ".router", "attn.gate.",
+                 "ffn.gate.", "transformer.embed"}
     assert not {n for n in allowed for f in forbidden if f in n}
     assert sum(s.numel for s in sites) == update.numel
 
@@ -99,11 +104,17 @@ class _FixedProbabilities:
         return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
-def test_gradient_with_detached_attention_equals_autograd_with_constant_probabilities(tiny_lm):
+@pytest.fixture(params=["gpt2", "llama"])
+def interface_lm(request):
+    """The families whose attention goes through transformers' AttentionInterface."""
+    return request.getfixturevalue(request.param)
+
+
+def test_gradient_with_detached_attention_equals_autograd_with_constant_probabilities(interface_lm):
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-    model = tiny_lm
+    model = interface_lm
     ids, mask, loss_mask = _batch(model.config.vocab_size)
     lr = 1.0
     step = InnerStep(lr=lr, layers=None, first_order=False, final_norm=True)
@@ -156,15 +167,88 @@ def test_detached_gradient_differs_from_the_full_gradient(gpt2):
     assert not torch.allclose(detached, site.part(grads[id(site.param)]), rtol=1e-3, atol=1e-6)
 
 
+def test_moduleformer_gradient_equals_autograd_with_constant_attention_weights_and_gates(moduleformer, monkeypatch):
+    """ModuleFormer's stop-gradient covers both of its mixing weights: the stick-breaking attention weights and the
+    routers' gates. Reference: record both in a plain forward, replay them as constants, back-propagate."""
+    import continual.models.moduleformer.attention as mf_attention
+    import continual.models.moduleformer.experts as mf_experts
+
+    model = moduleformer
+    ids, mask, loss_mask = _batch(model.config.vocab_size)
+    update = one_step_update(model, ids, mask, loss_mask, InnerStep(lr=1.0, layers=None, first_order=False))
+    ours = [site.part(site.param.detach()) - value for site, value in zip(update.sites, update.values)]
+
+    recorded = {"weights": [], "gates": []}
+    replay = {"on": False, "weights": 0, "gates": 0}
+    real_weights, real_gating = mf_attention.stick_breaking_weights, mf_experts.top_k_gating
+
+    def weights(*args, **kwargs):
+        if replay["on"]:
+            replay["weights"] += 1
+            return recorded["weights"][replay["weights"] - 1]
+        out = real_weights(*args, **kwargs)
+        recorded["weights"].append(out.detach())
+        return out
+
+    def gating(logits, k, allowed=None):
+        probs, gates, indices = real_gating(logits, k, allowed)
+        if replay["on"]:
+            replay["gates"] += 1
+            return probs, recorded["gates"][replay["gates"] - 1], indices
+        recorded["gates"].append(gates.detach())
+        return probs, gates, indices
+
+    monkeypatch.setattr(mf_attention, "stick_breaking_weights", weights)
+    monkeypatch.setattr(mf_experts, "top_k_gating", gating)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert len(recorded["weights"]) == 2 and len(recorded["gates"]) == 4  # 2 blocks x (attention, FFN router)
+    replay["on"] = True
+    params = list(dict.fromkeys(s.param for s in update.sites))
+    others = [p for n, p in model.named_parameters() if ".w_q" in n or "k_proj" in n or ".router" in n or ".gate." in n]
+    try:
+        for p in params + others:
+            p.requires_grad_(True)
+        grads = torch.autograd.grad(context_loss(model, ids, mask, loss_mask), params + others, allow_unused=True)
+    finally:
+        model.requires_grad_(False)
+    assert replay["weights"] == 2 and replay["gates"] == 4
+    by_param = dict(zip(map(id, params), grads))
+    for site, g in zip(update.sites, ours):
+        torch.testing.assert_close(g, site.part(by_param[id(site.param)]), rtol=1e-4, atol=1e-6)
+    assert any(torch.count_nonzero(g) for g in ours)
+    # queries, keys and routers get nothing once the mixing weights are constants
+    assert all(g is None or torch.count_nonzero(g) == 0 for g in grads[len(params):])
+
+
+def test_moduleformer_detached_gradient_differs_from_the_full_gradient(moduleformer):
+    ids, mask, loss_mask = _batch(moduleformer.config.vocab_size)
+    update = one_step_update(moduleformer, ids, mask, loss_mask, InnerStep(lr=1.0, layers=None, first_order=False))
+    site = update.sites[0]  # the bottom block's shared value projection: its output also feeds the routers above
+    assert site.name == "transformer.blocks.0.attn.v_proj.weight"
+    site.param.requires_grad_(True)
+    try:
+        (full,) = torch.autograd.grad(context_loss(moduleformer, ids, mask, loss_mask), [site.param])
+    finally:
+        moduleformer.requires_grad_(False)
+    assert not torch.allclose(site.param.detach() - update.values[0], full, rtol=1e-3, atol=1e-6)
+
+
 def test_detached_attention_keeps_the_forward_and_restores_the_implementation(tiny_lm):
     ids, mask, _ = _batch(tiny_lm.config.vocab_size)
     previous = tiny_lm.config._attn_implementation
+    moduleformer = tiny_lm.config.model_type == "moduleformer"  # its own attention: a flag on every expert pool
+    flags = lambda: [pool.stop_gradient_mixing for pool in tiny_lm.expert_layers().values()]
     with torch.no_grad():
         reference = tiny_lm(input_ids=ids, attention_mask=mask).logits
         with detached_attention(tiny_lm):
-            assert tiny_lm.config._attn_implementation == DETACHED
+            if moduleformer:
+                assert all(flags())
+            else:
+                assert tiny_lm.config._attn_implementation == DETACHED
             ours = tiny_lm(input_ids=ids, attention_mask=mask).logits
     assert tiny_lm.config._attn_implementation == previous
+    assert not moduleformer or not any(flags())
     real = mask.bool()
     torch.testing.assert_close(ours[real], reference[real], rtol=1e-5, atol=1e-5)
 
