@@ -67,12 +67,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--label-words", default="{}", help='JSON {task: {label: word}} added to the built-in yelp/amazon words')
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1...")
     parser.add_argument("--json", default=None, help="also write every accuracy to this JSON file (rewritten after each run)")
+    parser.add_argument("--plot", default=None, metavar="PNG",
+                        help="also save the gains over plain (settings x inner learning rates) as a heatmap")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="print one table from the --json files of earlier runs (e.g. one per task) and exit")
     return parser.parse_args()
 
 
-def merge(files: List[str]) -> None:
+def merge(files: List[str], plot: Optional[str] = None) -> None:
     """One table from several ``--json`` files: same seeds and settings, tasks joined in the order given."""
     acc: Dict[str, Dict[str, List[float]]] = {}
     shots: Dict[str, List[int]] = {}
@@ -95,7 +97,7 @@ def merge(files: List[str]) -> None:
         missing = [t for t in tasks if len(by_task.get(t, [])) != len(first["seeds"])]
         if missing:
             raise SystemExit(f"--merge: setting {setting!r} lacks complete results for {missing}")
-    report(argparse.Namespace(**{**first, "tasks": tasks}), acc, shots)
+    report(argparse.Namespace(**{**first, "tasks": tasks, "plot": plot}), acc, shots)
 
 
 def accuracy(model, x: torch.Tensor, y: torch.Tensor, task: int, batch_size: int) -> float:
@@ -111,7 +113,7 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor, task: int, batch_size: int
 def main() -> None:
     args = parse_args()
     if args.merge:
-        return merge(args.merge)
+        return merge(args.merge, args.plot)
     from tqdm.auto import tqdm
 
     from continual.expansion import resolve_device
@@ -187,6 +189,33 @@ def report(args, acc: Dict[str, Dict[str, List[float]]], shots_used: Dict[str, L
         gain = [a - p for a, p in zip(avg, plain_avg)]
         cells = "".join(f"{_mean_std(by_task[t]):>16s}" for t in tasks)
         print(f"{setting:32s}{cells}{_mean_std(avg):>16s}{'' if setting == 'plain' else _mean_std(gain):>16s}")
+    if getattr(args, "plot", None):
+        print(f"plot: {plot_gains(acc, tasks, len(args.seeds), args.plot, args.model)}")
+
+
+def plot_gains(acc: Dict[str, Dict[str, List[float]]], tasks: List[str], n_seeds: int, path: str, model: str) -> Path:
+    """The average gain over plain of every ``"<loss> top-<layers> lr=<lr>"`` setting, as a heatmap PNG."""
+    from continual.report import plot_gain_grid
+
+    def average(setting: str, seed: int) -> float:
+        return statistics.mean(acc[setting][t][seed] for t in tasks)
+
+    cells: Dict[Tuple[str, str], Tuple[float, float]] = {}
+    rows: List[str] = []
+    columns: List[str] = []
+    for setting in acc:
+        if setting == "plain":
+            continue
+        row, lr = setting.rsplit(" lr=", 1)
+        rows += [] if row in rows else [row]
+        columns += [] if lr in columns else [lr]
+        gains = [100 * (average(setting, s) - average("plain", s)) for s in range(n_seeds)]
+        cells[row, lr] = (statistics.mean(gains), statistics.stdev(gains) if n_seeds > 1 else float("nan"))
+    mean = np.array([[cells.get((r, c), (np.nan, np.nan))[0] for c in columns] for r in rows])
+    std = np.array([[cells.get((r, c), (np.nan, np.nan))[1] for c in columns] for r in rows])
+    title = f"One internal step vs plain in-context learning ({model}; {', '.join(tasks)}; {n_seeds} seeds)"
+    return plot_gain_grid(rows, [f"lr {c}" for c in columns], mean, std, path, title, "gain in average accuracy (points)",
+                          xlabel="inner learning rate")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--exact-backward", action="store_true", help="exact norm/activation backward instead of TinT's first order")
     parser.add_argument("--batch-size", type=int, default=8, help="chunks per batch for the plain losses")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1...")
+    parser.add_argument("--plot", default=None, metavar="PNG", help="also save the gains (layers x learning rates) as a heatmap")
     parser.add_argument("--json", default=None, help="also write every result to this JSON file (rewritten after each setting)")
     return parser.parse_args()
 
@@ -91,6 +92,20 @@ def main() -> None:
                          "gain": float(gain.mean()), "gain_std": std, "chunks": int(gain.numel())})
             if args.json:
                 Path(args.json).write_text(json.dumps({"args": vars(args), "results": rows}, indent=2))
+    if args.plot:
+        import numpy as np
+
+        from continual.report import plot_gain_grid
+
+        lrs = [f"{lr:g}" for lr in args.lrs]
+        grid = {(r["layers"], f"{r['lr']:g}"): r for r in rows}
+        cell = lambda key, field: grid[key][field] if key in grid else float("nan")
+        mean = np.array([[cell((layers, lr), "gain") for lr in lrs] for layers in args.layers])
+        std = np.array([[cell((layers, lr), "gain_std") for lr in lrs] for layers in args.layers])
+        path = plot_gain_grid([f"top {layers}" for layers in args.layers], [f"lr {lr}" for lr in lrs], mean, std, args.plot,
+                              f"One-step LM gain on the second half of each chunk ({args.model}, {chunks.shape[0]} chunks)",
+                              "loss decrease (nats per token)", xlabel="inner learning rate")
+        print(f"plot: {path}")
 
 
 if __name__ == "__main__":

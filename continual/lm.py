@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from continual.config import ConfigError, TrackingConfig, flatten, merge_layers, read_layers, to_yaml
-from continual.report import fresh_run_dir
+from continual.report import fresh_run_dir, new_figure
 from continual.modules.experts import GATES, UPCYCLING
 
 MODEL_KINDS = ("moduleformer", "causal_lm")
@@ -612,14 +612,11 @@ def save_perplexity_csv(result: LMResult, path: Path) -> Path:
 
 def plot_perplexity_matrix(result: LMResult, path: Path) -> Path:
     """An annotated heatmap of the initial row and the perplexity matrix (log colour scale, darker = lower)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import LogNorm
-    from matplotlib.figure import Figure
 
     data = np.vstack([result.initial[None], result.matrix])  # [D + 1, D]
     labels = ["initial"] + [f"after {d}" for d in result.domains]
-    fig = Figure(figsize=(max(4.0, 1.5 + 0.9 * data.shape[1]), max(3.0, 1.0 + 0.5 * data.shape[0])), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(max(4.0, 1.5 + 0.9 * data.shape[1]), max(3.0, 1.0 + 0.5 * data.shape[0]))
     ax = fig.add_subplot()
     image = ax.imshow(data, cmap="viridis", norm=LogNorm(vmin=float(data.min()), vmax=max(float(data.max()), float(data.min()) * 1.01)),
                       aspect="auto")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
@@ -138,7 +139,7 @@ def save_matrix_csv(result: RunResult, path: PathLike) -> Path:
     return path
 
 
-def _new_figure(width: float, height: float):
+def new_figure(width: float, height: float):
     """A figure on its own Agg canvas, outside pyplot (no global state, nothing to close)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -169,7 +170,7 @@ def plot_accuracy_matrix(result: RunResult, path: PathLike) -> Path:
     labelled = _labelled_rows(result)
     data = np.ma.masked_invalid(100.0 * np.stack([values for _, values in labelled]))  # [rows, T]
     n_rows, n_cols = data.shape
-    fig = _new_figure(max(4.0, 1.0 + 0.7 * n_cols), max(3.0, 1.0 + 0.5 * n_rows))
+    fig = new_figure(max(4.0, 1.0 + 0.7 * n_cols), max(3.0, 1.0 + 0.5 * n_rows))
     ax = fig.add_subplot()
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
     image = ax.imshow(data, cmap=cmap, vmin=0.0, vmax=100.0, aspect="auto")
@@ -186,6 +187,62 @@ def plot_accuracy_matrix(result: RunResult, path: PathLike) -> Path:
     ax.set_ylabel("model state")
     ax.set_title("Accuracy matrix (%)")
     fig.colorbar(image, ax=ax, label="accuracy (%)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_gain_grid(
+    rows: Sequence[str],
+    columns: Sequence[str],
+    mean: np.ndarray,
+    std: Optional[np.ndarray],
+    path: PathLike,
+    title: str,
+    unit: str,
+    xlabel: str = "",
+) -> Path:
+    """Saves a grid of gains over a baseline (e.g. settings x learning rates) as an annotated heatmap PNG.
+
+    Diverging colours centred on zero (red: worse than the baseline, blue: better); each cell shows the mean and,
+    with ``std``, its spread. NaN cells are left blank.
+
+    Args:
+        rows, columns: labels of ``mean``'s rows and columns.
+        mean: ``[len(rows), len(columns)]`` gains.
+        std: the same shape, or None.
+        path: PNG file to write; parent folders are created.
+        title: the figure's title.
+        unit: the colour bar's label (e.g. "gain (points)").
+        xlabel: the columns' axis label.
+
+    Returns:
+        The path written.
+    """
+    import matplotlib
+
+    data = np.ma.masked_invalid(np.asarray(mean, dtype=float))
+    if data.shape != (len(rows), len(columns)):
+        raise ValueError(f"mean has shape {data.shape}, expected {(len(rows), len(columns))} (rows x columns)")
+    span = float(np.abs(data).max()) if data.count() else 1.0
+    span = span or 1.0
+    fig = new_figure(max(4.0, 2.0 + 1.1 * len(columns)), max(3.0, 1.0 + 0.5 * len(rows)))
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="white")
+    image = ax.imshow(data, cmap=cmap, vmin=-span, vmax=span, aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(columns)):
+            if data.mask is np.ma.nomask or not data.mask[i, j]:
+                value = float(data[i, j])
+                text = f"{value:+.2g}" if std is None or not np.isfinite(std[i, j]) else f"{value:+.2g}\n± {float(std[i, j]):.2g}"
+                color = "white" if abs(value) > 0.6 * span else "black"
+                ax.text(j, i, text, ha="center", va="center", color=color, fontsize=8)
+    _set_step_ticks(ax.set_xticks, list(columns))
+    ax.set_yticks(range(len(rows)), labels=list(rows))
+    ax.set_xlabel(xlabel)
+    ax.set_title(textwrap.fill(title, width=max(40, int(9 * fig.get_figwidth()))), fontsize=10)
+    fig.colorbar(image, ax=ax, label=unit)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -213,7 +270,7 @@ def plot_forgetting_curves(result: RunResult, path: PathLike) -> Path:
     steps = (["initial"] if offset else []) + list(result.task_names)
     colors = matplotlib.colormaps["tab10" if t <= 10 else "tab20"].colors
 
-    fig = _new_figure(max(5.0, 1.5 + 0.6 * len(steps)), 4.0)
+    fig = new_figure(max(5.0, 1.5 + 0.6 * len(steps)), 4.0)
     ax = fig.add_subplot()
     for j, name in enumerate(result.task_names):
         color = colors[j % len(colors)]

@@ -15,6 +15,7 @@ from continual.report import (
     format_table,
     fresh_run_dir,
     plot_accuracy_matrix,
+    plot_gain_grid,
     plot_forgetting_curves,
     save_matrix_csv,
     write_summary_json,
@@ -165,3 +166,19 @@ def test_fresh_run_dir_never_reuses_a_folder_with_artifacts(tmp_path):
     (tmp_path / "exp" / "empty").mkdir()
     assert fresh_run_dir(tmp_path / "exp", "empty") == tmp_path / "exp" / "empty"  # an empty folder is taken as is
     assert (first / "summary.json").read_text() == "{}"
+
+
+def test_gain_grid_is_a_diverging_heatmap(tmp_path):
+    import matplotlib.pyplot as plt
+
+    mean = np.array([[-4.0, 0.0, 4.0], [1.0, float("nan"), -1.0]])
+    path = plot_gain_grid(["context top-1", "label_words top-all"], ["lr 1e-3", "lr 1e-4", "lr 1e-5"], mean,
+                          np.full_like(mean, 0.5), tmp_path / "g" / "gains.png", "title", "gain (points)")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    image = plt.imread(path)[..., :3]
+    r, g, b = image[..., 0], image[..., 1], image[..., 2]
+    red = (r - b > 0.2) & (g < 0.15)  # the -4 cell (and the colour bar's end)
+    blue = (b - r > 0.2) & (g < 0.3)  # the +4 cell
+    assert red.mean() > 0.01 and blue.mean() > 0.01
+    with pytest.raises(ValueError, match="rows x columns"):
+        plot_gain_grid(["a"], ["x", "y"], np.zeros((2, 2)), None, tmp_path / "bad.png", "t", "u")
