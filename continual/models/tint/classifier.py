@@ -7,12 +7,14 @@ returns ``[B, C]`` logits: for each sample, the causal LM's log-probability of e
 (:mod:`.one_step`). A task without a context (not reached yet in the stream) is answered zero-shot by the plain LM.
 
 Batched over queries: the update depends only on the context, so each task present in a batch costs one update
-(cached for the next batch of the same task), and all its queries are scored in one forward pass; there is no loop
-over single queries. The LM's weights are restored after every scoring pass.
+(cached for the next batch of the same task), its context's keys and values are computed once under that update
+(kept for the next batch too, where the family has a key/value cache), and all its queries are scored in one
+forward pass; there is no loop over single queries. The LM's weights are restored after every scoring pass.
 """
 
 from __future__ import annotations
 
+import copy
 from contextlib import nullcontext
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -73,8 +75,20 @@ def label_logprobs(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     return torch.log_softmax(logits, dim=-1)[:, ids]
 
 
+def context_cache(lm: nn.Module, head: torch.Tensor):
+    """The keys and values of ``head [H]`` (one sequence) as the model's cache object, for
+    :func:`label_logprobs_after`."""
+    base = getattr(lm, lm.base_model_prefix)
+    return base(input_ids=head[None], use_cache=True).past_key_values
+
+
 def label_logprobs_after(
-    lm: nn.Module, head: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, label_ids: Sequence[int]
+    lm: nn.Module,
+    head: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    label_ids: Sequence[int],
+    cache=None,
 ) -> torch.Tensor:
     """:func:`label_logprobs` of ``head + row`` for every row, running the shared ``head`` once: its keys and values
     are computed for one sequence and repeated over the batch, so a long context costs one pass, not ``B``.
@@ -84,13 +98,15 @@ def label_logprobs_after(
         head: ``[H]`` ids shared by every row (``H >= 1``).
         input_ids, attention_mask: ``[B, L]`` the rows after the head, right-padded.
         label_ids: ``C`` token ids.
+        cache: ``context_cache(lm, head)`` computed earlier with the same weights (left unchanged: a copy is
+            extended); None computes it here.
 
     Returns:
         ``[B, C]`` log-probabilities (float32).
     """
     base = getattr(lm, lm.base_model_prefix)
     B, H = input_ids.shape[0], head.numel()
-    past = base(input_ids=head[None], use_cache=True).past_key_values
+    past = context_cache(lm, head) if cache is None else copy.deepcopy(cache)
     past.batch_repeat_interleave(B)
     full_mask = torch.cat([attention_mask.new_ones(B, H), attention_mask], dim=1)
     hidden = base(input_ids=input_ids, attention_mask=full_mask, past_key_values=past, use_cache=True).last_hidden_state
@@ -141,6 +157,9 @@ class TinTClassifier(MultiTaskModule):
         # The last update computed, keyed by everything it depends on: one task's batches reuse it (transient, the
         # size of the updated tensors; never stored).
         self._cached: Optional[Tuple[tuple, ParameterUpdate]] = None
+        # The keys and values of the last head (context) run with that update in place: every batch of the task's
+        # queries extends a copy instead of running the context again (transient, like the update).
+        self._cached_head: Optional[Tuple[tuple, object, Optional[ParameterUpdate]]] = None
 
     # ------------------------------------------------------------------ contexts
     def set_context(self, task: int, context: Context) -> None:
@@ -150,7 +169,7 @@ class TinTClassifier(MultiTaskModule):
         if context.shots == 0:
             raise ValueError(f"task {task}: a context without examples; leave the task without one to answer zero-shot")
         self.contexts[task] = context
-        self._cached = None
+        self._cached = self._cached_head = None
 
     def update_for(self, task: int) -> Optional[ParameterUpdate]:
         """The one-step update of ``task``'s context (None: no context, or a zero learning rate)."""
@@ -196,8 +215,18 @@ class TinTClassifier(MultiTaskModule):
         update = self.update_for(task)
         with torch.no_grad(), applied(update) if update is not None else nullcontext():
             if split:
-                return label_logprobs_after(self.lm, head, input_ids, mask, labels)
+                return label_logprobs_after(self.lm, head, input_ids, mask, labels, self._head_cache(task, head, update))
             return label_logprobs(self.lm, input_ids, mask, labels)
+
+    def _head_cache(self, task: int, head: torch.Tensor, update: Optional[ParameterUpdate]):
+        """``context_cache`` of ``head`` under the weights in place now (``update`` applied), kept for the next
+        batch of the same task, head, update and device."""
+        key = (task, id(self.contexts.get(task)), id(update), self.step, self.loss, self.query_with_context,
+               head.numel(), head.device)
+        if self._cached_head is None or self._cached_head[0] != key:
+            # the update itself is kept with the cache, so its id cannot be reused by another update meanwhile
+            self._cached_head = (key, context_cache(self.lm, head), update)
+        return self._cached_head[1]
 
     def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
         return self.forward(x, task_label)

@@ -167,6 +167,29 @@ def test_one_update_serves_every_batch_of_a_task(two_task_classifier, monkeypatc
     assert len(calls) == 2  # a new step is a new update
 
 
+def test_the_context_runs_once_per_task_and_update_across_batches(two_task_classifier, monkeypatch):
+    import continual.models.tint.classifier as classifier
+    from continual.models.tint.layouts import has_kv_cache
+
+    model, x, task_labels = two_task_classifier
+    calls = []
+    real = classifier.context_cache
+    monkeypatch.setattr(classifier, "context_cache", lambda lm, head: calls.append(head.numel()) or real(lm, head))
+    rows = task_labels == 0
+    first = torch.cat([model(x[rows][i : i + 1], task_labels[rows][i : i + 1]) for i in range(3)])
+    expected = 1 if has_kv_cache(model.lm) else 0  # ModuleFormer has no cache: context + query each time
+    assert len(calls) == expected  # three batches of one task: the context ran once
+    model(x[~rows][:1], task_labels[~rows][:1])
+    model(x[rows][:1], task_labels[rows][:1])
+    assert len(calls) == 3 * expected  # another task's context, then this one's again
+    model.step = InnerStep(lr=0.25, layers=1)
+    second = model(x[rows][:1], task_labels[rows][:1])
+    assert len(calls) == 4 * expected  # a new step changes the weights the context runs under
+    assert not torch.allclose(second, first[:1])
+    model.step = InnerStep(lr=0.5, layers=1)
+    torch.testing.assert_close(model(x[rows][:3], task_labels[rows][:3]), first, rtol=1e-4, atol=1e-4)
+
+
 def test_tokens_a_tokenizer_puts_before_a_text_lead_the_prompt_once(make_bpe_tokenizer):
     from tokenizers import processors
 
