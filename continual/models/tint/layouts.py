@@ -151,12 +151,11 @@ class GPT2Layout:
             + _norm_bias(f"{prefix}.ln_1", block.ln_1)
             + _norm_bias(f"{prefix}.ln_2", block.ln_2)
         )
-        norms = [NormSite(block.ln_1, "layernorm", block.ln_1.eps), NormSite(block.ln_2, "layernorm", block.ln_2.eps)]
+        norms = [_ln(block.ln_1), _ln(block.ln_2)]
         return BlockSites(update=update, norms=norms, activations=[block.mlp.act])
 
     def final_norm(self, model: nn.Module) -> NormSite:
-        ln_f = model.transformer.ln_f
-        return NormSite(ln_f, "layernorm", ln_f.eps)
+        return _ln(model.transformer.ln_f)
 
     def final_norm_sites(self, model: nn.Module) -> List[UpdateSite]:
         return _norm_bias("transformer.ln_f", model.transformer.ln_f)
@@ -186,6 +185,10 @@ class LlamaLayout:
 
     def final_norm_sites(self, model: nn.Module) -> List[UpdateSite]:
         return _norm_bias("model.norm", model.model.norm)
+
+
+def _ln(module: nn.LayerNorm) -> NormSite:
+    return NormSite(module, "layernorm", module.eps)
 
 
 def _rms(module: nn.Module) -> NormSite:
@@ -220,12 +223,11 @@ class ModuleFormerLayout:
                 update += [UpdateSite(f"{prefix}.{pool}.groups.{g}.{role}", getattr(group, role))
                            for role in roles if group.n > 0]
         update += _norm_bias(f"{prefix}.ln_attn", block.ln_attn) + _norm_bias(f"{prefix}.ln_ffn", block.ln_ffn)
-        norms = [NormSite(block.ln_attn, "layernorm", block.ln_attn.eps), NormSite(block.ln_ffn, "layernorm", block.ln_ffn.eps)]
+        norms = [_ln(block.ln_attn), _ln(block.ln_ffn)]
         return BlockSites(update=update, norms=norms, activations=[block.ffn.act])
 
     def final_norm(self, model: nn.Module) -> NormSite:
-        norm = model.transformer.norm
-        return NormSite(norm, "layernorm", norm.eps)
+        return _ln(model.transformer.norm)
 
     def final_norm_sites(self, model: nn.Module) -> List[UpdateSite]:
         return _norm_bias("transformer.norm", model.transformer.norm)
