@@ -184,35 +184,32 @@ def report(args, acc: Dict[str, Dict[str, List[float]]], shots_used: Dict[str, L
     header = f"{'setting':32s}" + "".join(f"{t:>16s}" for t in tasks) + f"{'average':>16s}{'gain':>16s}"
     print(header)
     plain_avg = [statistics.mean(acc["plain"][t][s] for t in tasks) for s in range(len(args.seeds))]
+    gains: Dict[str, List[float]] = {}  # setting -> per-seed gain of the task average over plain
     for setting, by_task in acc.items():
         avg = [statistics.mean(by_task[t][s] for t in tasks) for s in range(len(args.seeds))]
         gain = [a - p for a, p in zip(avg, plain_avg)]
+        if setting != "plain":
+            gains[setting] = gain
         cells = "".join(f"{_mean_std(by_task[t]):>16s}" for t in tasks)
         print(f"{setting:32s}{cells}{_mean_std(avg):>16s}{'' if setting == 'plain' else _mean_std(gain):>16s}")
     if getattr(args, "plot", None):
-        print(f"plot: {plot_gains(acc, tasks, len(args.seeds), args.plot, args.model)}")
+        print(f"plot: {plot_gains(gains, tasks, len(args.seeds), args.plot, args.model)}")
 
 
-def plot_gains(acc: Dict[str, Dict[str, List[float]]], tasks: List[str], n_seeds: int, path: str, model: str) -> Path:
-    """The average gain over plain of every ``"<loss> top-<layers> lr=<lr>"`` setting, as a heatmap PNG."""
+def plot_gains(gains: Dict[str, List[float]], tasks: List[str], n_seeds: int, path: str, model: str) -> Path:
+    """The per-seed gains of every ``"<loss> top-<layers> lr=<lr>"`` setting (as fractions) as a heatmap PNG of
+    their mean and std in points."""
     from continual.report import plot_gain_grid
 
-    def average(setting: str, seed: int) -> float:
-        return statistics.mean(acc[setting][t][seed] for t in tasks)
-
-    cells: Dict[Tuple[str, str], Tuple[float, float]] = {}
-    rows: List[str] = []
-    columns: List[str] = []
-    for setting in acc:
-        if setting == "plain":
-            continue
+    cells: Dict[Tuple[str, str], List[float]] = {}
+    for setting, gain in gains.items():
         row, lr = setting.rsplit(" lr=", 1)
-        rows += [] if row in rows else [row]
-        columns += [] if lr in columns else [lr]
-        gains = [100 * (average(setting, s) - average("plain", s)) for s in range(n_seeds)]
-        cells[row, lr] = (statistics.mean(gains), statistics.stdev(gains) if n_seeds > 1 else float("nan"))
-    mean = np.array([[cells.get((r, c), (np.nan, np.nan))[0] for c in columns] for r in rows])
-    std = np.array([[cells.get((r, c), (np.nan, np.nan))[1] for c in columns] for r in rows])
+        cells[row, lr] = [100 * g for g in gain]
+    rows = list(dict.fromkeys(row for row, _ in cells))
+    columns = list(dict.fromkeys(lr for _, lr in cells))
+    mean = np.array([[statistics.mean(cells[r, c]) if (r, c) in cells else np.nan for c in columns] for r in rows])
+    std = np.array([[statistics.stdev(cells[r, c]) if (r, c) in cells and n_seeds > 1 else np.nan for c in columns]
+                    for r in rows])
     title = f"One internal step vs plain in-context learning ({model}; {', '.join(tasks)}; {n_seeds} seeds)"
     return plot_gain_grid(rows, [f"lr {c}" for c in columns], mean, std, path, title, "gain in average accuracy (points)",
                           xlabel="inner learning rate")

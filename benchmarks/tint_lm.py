@@ -97,12 +97,10 @@ def main() -> None:
 
         from continual.report import plot_gain_grid
 
-        lrs = [f"{lr:g}" for lr in args.lrs]
-        grid = {(r["layers"], f"{r['lr']:g}"): r for r in rows}
-        cell = lambda key, field: grid[key][field] if key in grid else float("nan")
-        mean = np.array([[cell((layers, lr), "gain") for lr in lrs] for layers in args.layers])
-        std = np.array([[cell((layers, lr), "gain_std") for lr in lrs] for layers in args.layers])
-        path = plot_gain_grid([f"top {layers}" for layers in args.layers], [f"lr {lr}" for lr in lrs], mean, std, args.plot,
+        shape = (len(args.layers), len(args.lrs))  # rows were appended layers-major, lrs-minor
+        mean = np.array([r["gain"] for r in rows]).reshape(shape)
+        std = np.array([r["gain_std"] for r in rows]).reshape(shape)
+        path = plot_gain_grid([f"top {layers}" for layers in args.layers], [f"lr {lr:g}" for lr in args.lrs], mean, std, args.plot,
                               f"One-step LM gain on the second half of each chunk ({args.model}, {chunks.shape[0]} chunks)",
                               "loss decrease (nats per token)", xlabel="inner learning rate")
         print(f"plot: {path}")

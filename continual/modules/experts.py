@@ -532,14 +532,10 @@ def routing_losses(deltas: Iterable[ExpertsDelta]) -> Optional[Tuple[torch.Tenso
         ``(mutual-information loss H(e|x) - H(e), load concentration loss H(e))``, two scalars over real tokens
         (:mod:`continual.models.moduleformer.losses`); None when no site routed (no task's experts switched on).
     """
-    from continual.models.moduleformer.losses import load_concentration_loss, mutual_information_loss
+    from continual.models.moduleformer.losses import mean_routing_losses
 
     routings = [delta.last_routing for delta in deltas if delta.last_routing is not None]
-    if not routings:
-        return None
-    mi = torch.stack([mutual_information_loss(r.probs, r.token_mask) for r in routings]).mean()
-    concentration = torch.stack([load_concentration_loss(r.probs, r.token_mask) for r in routings]).mean()
-    return mi, concentration
+    return mean_routing_losses(routings) if routings else None
 
 
 def upcycle(backbone: nn.Module, bank: ModuleBank, targets: Optional[Sequence[str]] = None, **options) -> List[str]:

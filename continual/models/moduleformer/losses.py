@@ -16,7 +16,7 @@ gradient.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Iterable, Optional, Tuple
 
 import torch
 
@@ -84,3 +84,14 @@ def load_concentration_loss(probs: torch.Tensor, mask: Optional[torch.Tensor] = 
     """
     h_e, _ = routing_entropies(probs, mask)
     return h_e
+
+
+def mean_routing_losses(routings: Iterable) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(mutual-information loss, load concentration loss)``, each averaged over several routers' outputs (objects
+    with ``probs [N, E]`` and ``token_mask [N]`` or None, e.g. ``RouterOutput``); at least one is needed."""
+    routings = list(routings)
+    if not routings:
+        raise ValueError("mean_routing_losses needs at least one routing")
+    mi = torch.stack([mutual_information_loss(r.probs, r.token_mask) for r in routings]).mean()
+    concentration = torch.stack([load_concentration_loss(r.probs, r.token_mask) for r in routings]).mean()
+    return mi, concentration

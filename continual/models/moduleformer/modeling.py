@@ -29,7 +29,7 @@ from transformers.utils import ModelOutput
 from continual.models.moduleformer.attention import MixtureOfAttentionHeads
 from continual.models.moduleformer.configuration import ModuleFormerConfig
 from continual.models.moduleformer.experts import ExpertGroup, ExpertLayer, ExpertPool, ExpertUsage
-from continual.models.moduleformer.losses import load_concentration_loss, mutual_information_loss
+from continual.models.moduleformer.losses import mean_routing_losses
 
 try:  # transformers >= 5: init functions that skip tensors already loaded from a checkpoint
     from transformers import initialization as _init
@@ -169,9 +169,7 @@ class ModuleFormerPreTrainedModel(PreTrainedModel):
         routings = [layer.last_routing for layer in self.expert_layers().values()]
         if any(r is None for r in routings):
             raise RuntimeError("routing_losses needs a forward pass first (some expert layer has no routing yet)")
-        mi = torch.stack([mutual_information_loss(r.probs, r.token_mask) for r in routings]).mean()
-        concentration = torch.stack([load_concentration_loss(r.probs, r.token_mask) for r in routings]).mean()
-        return mi, concentration
+        return mean_routing_losses(routings)
 
     def _record_expert_layout(self) -> None:
         blocks = self.base_model.blocks
