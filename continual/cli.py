@@ -8,7 +8,9 @@ Heavy libraries (torch, Avalanche, MLflow) are imported only by the commands tha
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -38,14 +40,36 @@ def cmd_list(args: argparse.Namespace) -> int:
     for line in describe_streams():
         print(f"  {line}")
     print("strategies:")
-    for name in available_strategies():
+    names = available_strategies()
+    width = max(map(len, names), default=0) + 2
+    for name in names:
         doc = (get_strategy_class(name).__doc__ or "").strip().splitlines()
-        print(f"  {name:16s} {doc[0] if doc else ''}")
+        print(f"  {name:{width}s}{doc[0] if doc else '(no description)'}")
     print("presets:")
-    for preset in _presets():
-        first = preset.read_text().splitlines()[0] if preset.read_text() else ""
-        print(f"  {preset.relative_to(PRESETS_DIR.parent)}    {first.lstrip('# ')}")
+    presets = [(preset.relative_to(PRESETS_DIR.parent).as_posix(), preset_summary(preset)) for preset in _presets()]
+    width = max((len(path) for path, _ in presets), default=0) + 2
+    for path, summary in presets:
+        print(f"  {path:{width}s}{summary}")
     return 0
+
+
+def preset_summary(path: Path) -> str:
+    """What a preset does, in one line: the comment on its second line (the first line is the command)."""
+    lines = path.read_text().splitlines()
+    second = lines[1] if len(lines) > 1 else ""
+    return second.lstrip("#").strip() if second.startswith("#") else "(no description)"
+
+
+# Third-party warnings a user cannot act on, silenced where the CLI starts (real warnings stay visible).
+KNOWN_NOISE = (
+    # qpsolvers, imported by Avalanche's GEM plugin, when no QP solver package is installed; nothing here uses QP.
+    "no QP solver found on your system",
+)
+
+
+def quiet_known_warnings() -> None:
+    for message in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=re.escape(message), category=UserWarning)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -110,6 +134,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     lst = sub.add_parser("list", help="list named streams, strategies and presets")
     lst.set_defaults(func=cmd_list)
     args = parser.parse_args(argv)
+    quiet_known_warnings()
     try:
         return args.func(args)
     except KeyboardInterrupt:

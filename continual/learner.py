@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from avalanche.evaluation.metrics import accuracy_metrics
-from avalanche.training.plugins import EvaluationPlugin
+from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
@@ -79,8 +79,9 @@ class ContinualLearner(SupervisedTemplate):
         self.lr, self.weight_decay, self.optimizer_name = lr, weight_decay, optimizer
         self.max_grad_norm = max_grad_norm
         self.progress = progress
+        self.epochs_per_stage = train_epochs  # train_epochs itself is set per task (stages x epochs, see _LearnerHooks)
         self._prepared_task: Optional[int] = None
-        self._stage = 0  # training stage within the current task (see _train_exp)
+        self._stage = 0  # training stage within the current task (see _LearnerHooks)
         self._bar = None
         self._loss_sum, self._loss_count = 0.0, 0
         self.last_epoch_loss = math.nan
@@ -97,7 +98,8 @@ class ContinualLearner(SupervisedTemplate):
             train_epochs=train_epochs,
             eval_mb_size=eval_mb_size,
             device=device,
-            plugins=list(plugins or []) + list(strategy.avalanche_plugins()),
+            # The learner's own hooks come last, so EWC/LwF/replay see the model as trained before it is frozen.
+            plugins=list(plugins or []) + list(strategy.avalanche_plugins()) + [_LearnerHooks()],
             evaluator=evaluator,
         )
 
@@ -131,23 +133,8 @@ class ContinualLearner(SupervisedTemplate):
             wanted = self.strategy.trainable_parameters(self.model, task)
         params = set_trainable(self.model, wanted)
         self.trainable_count = sum(p.numel() for p in params)
-        if params:  # nothing to train (a test-time strategy such as TinT): _train_exp skips the epochs
+        if params:  # nothing to train (a test-time strategy such as TinT): the task runs no epoch
             self.optimizer = build_optimizer(self.optimizer_name, params, self.lr, self.weight_decay)
-
-    def _train_exp(self, experience, eval_streams=None, **kwargs):
-        """Train one task; a strategy with several stages per task (train one module kind, freeze it, train the
-        next) gets ``train_epochs`` epochs per stage, each stage with a fresh optimizer over its parameters."""
-        if self.trainable_count == 0:  # the strategy's hooks ran (before_task...); there is nothing to train
-            self.last_epoch_loss = math.nan
-            return
-        stages = 1 if self.strategy.trains_jointly else self.strategy.training_stages(self.current_task)
-        for stage in range(stages):
-            if stage:
-                self.strategy.after_stage(self.model, self.current_task, stage - 1)
-                self._stage = stage
-                self.make_optimizer()
-            super()._train_exp(experience, eval_streams, **kwargs)
-        self._stage = 0
 
     def criterion(self):
         """The task loss, plus the strategy's auxiliary loss of this forward while training (e.g. expert routing
@@ -158,13 +145,6 @@ class ContinualLearner(SupervisedTemplate):
             if extra is not None:
                 loss = loss + extra
         return loss
-
-    def _after_training_exp(self, **kwargs):
-        super()._after_training_exp(**kwargs)  # plugins first: EWC/LwF read the model as trained
-        tasks = self.tasks if self.strategy.trains_jointly else [self.current_task]
-        for task in tasks:
-            self.strategy.after_task(self.model, task)
-        self._prepared_task = None
 
     # ------------------------------------------------------------------ one step
     def backward(self):
@@ -181,39 +161,14 @@ class ContinualLearner(SupervisedTemplate):
             torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         super().optimizer_step()
 
-    # ------------------------------------------------------------------ progress
-    def _before_training_epoch(self, **kwargs):
-        super()._before_training_epoch(**kwargs)
-        self._loss_sum, self._loss_count = 0.0, 0
-        if self.progress:
-            from tqdm.auto import tqdm
-
-            name = "all tasks" if self.strategy.trains_jointly else self.current_task.name
-            self._bar = tqdm(
-                total=len(self.dataloader),
-                desc=f"  {name} epoch {self.clock.train_exp_epochs + 1}/{self.train_epochs}",
-                leave=False,
-                unit="batch",
-            )
-
-    def _after_training_iteration(self, **kwargs):
-        super()._after_training_iteration(**kwargs)
-        if self._bar is not None:
-            self._bar.update(1)
-            self._bar.set_postfix(loss=f"{self._loss_sum / max(self._loss_count, 1):.4f}", refresh=False)
-
-    def _after_training_epoch(self, **kwargs):
-        super()._after_training_epoch(**kwargs)
-        self.last_epoch_loss = self._loss_sum / max(self._loss_count, 1) if self._loss_count else math.nan
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-
-    def _train_cleanup(self):
-        super()._train_cleanup()
-        if self._bar is not None:  # an exception left a bar open
-            self._bar.close()
-            self._bar = None
+    def train(self, experiences, eval_streams=None, **kwargs):
+        try:
+            return super().train(experiences, eval_streams, **kwargs)
+        finally:  # an exception (a non-finite loss...) may leave a progress bar open and a task's epoch count set
+            self.train_epochs = self.epochs_per_stage
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, experiences) -> Dict[int, float]:
@@ -228,3 +183,59 @@ class ContinualLearner(SupervisedTemplate):
         if missing:
             raise RuntimeError(f"Avalanche reported no accuracy for experiences {missing}")
         return out
+
+
+class _LearnerHooks(SupervisedPlugin):
+    """The learner's per-task and per-epoch steps, through Avalanche's public plugin callbacks (no private template
+    method is overridden).
+
+    Staged training (train one module kind, freeze it, train the next) runs ``train_epochs`` epochs per stage: the
+    task's epoch count is multiplied by the number of stages, and each stage boundary calls the strategy's
+    ``after_stage`` and makes a fresh optimizer over the next stage's parameters. A task with nothing to train (a
+    test-time strategy) runs no epoch at all.
+    """
+
+    def before_training_exp(self, strategy: "ContinualLearner", **kwargs):
+        stages = 1 if strategy.strategy.trains_jointly else strategy.strategy.training_stages(strategy.current_task)
+        strategy.train_epochs = strategy.epochs_per_stage * stages if strategy.trainable_count else 0
+        strategy.last_epoch_loss = math.nan
+
+    def before_training_epoch(self, strategy: "ContinualLearner", **kwargs):
+        epoch = strategy.clock.train_exp_epochs  # epochs finished in this task
+        if epoch and strategy.epochs_per_stage and epoch % strategy.epochs_per_stage == 0:
+            strategy.strategy.after_stage(strategy.model, strategy.current_task, strategy._stage)
+            strategy._stage += 1
+            strategy.make_optimizer()
+        strategy._loss_sum, strategy._loss_count = 0.0, 0
+        if strategy.progress:
+            from tqdm.auto import tqdm
+
+            name = "all tasks" if strategy.strategy.trains_jointly else strategy.current_task.name
+            stage = f" stage {strategy._stage + 1}" if strategy.train_epochs > strategy.epochs_per_stage else ""
+            strategy._bar = tqdm(
+                total=len(strategy.dataloader),
+                desc=f"  {name}{stage} epoch {epoch % max(strategy.epochs_per_stage, 1) + 1}/{strategy.epochs_per_stage}",
+                leave=False,
+                unit="batch",
+            )
+
+    def after_training_iteration(self, strategy: "ContinualLearner", **kwargs):
+        if strategy._bar is not None:
+            strategy._bar.update(1)
+            mean = strategy._loss_sum / max(strategy._loss_count, 1)
+            strategy._bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
+
+    def after_training_epoch(self, strategy: "ContinualLearner", **kwargs):
+        count = strategy._loss_count
+        strategy.last_epoch_loss = strategy._loss_sum / count if count else math.nan
+        if strategy._bar is not None:
+            strategy._bar.close()
+            strategy._bar = None
+
+    def after_training_exp(self, strategy: "ContinualLearner", **kwargs):
+        strategy.train_epochs = strategy.epochs_per_stage
+        strategy._stage = 0
+        tasks = strategy.tasks if strategy.strategy.trains_jointly else [strategy.current_task]
+        for task in tasks:
+            strategy.strategy.after_task(strategy.model, task)
+        strategy._prepared_task = None

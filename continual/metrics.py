@@ -6,8 +6,10 @@ accuracy on task j before any training on the stream. Definitions, as in the pro
 - Average accuracy ``ACC = mean_j R[T-1, j]``, backward transfer ``BWT = mean_{j<T-1} (R[T-1, j] - R[j, j])`` and
   forward transfer ``FWT = mean_{j>0} (R[j-1, j] - b[j])``: Lopez-Paz & Ranzato, "Gradient Episodic Memory for
   Continual Learning", NeurIPS 2017 (GEM).
-- Forgetting ``F_j = max_{l<T-1} R[l, j] - R[T-1, j]`` for ``j < T-1``, averaged over those tasks: Chaudhry et al.,
-  "Riemannian Walk for Incremental Learning: Understanding Forgetting and Intransigence", ECCV 2018.
+- Forgetting ``F_j = max_{j<=l<T-1} R[l, j] - R[T-1, j]`` for ``j < T-1``, averaged over those tasks: Chaudhry et
+  al., "Riemannian Walk for Incremental Learning: Understanding Forgetting and Intransigence", ECCV 2018. Only rows
+  from the one where task j was learned count: an accuracy before task j was trained (chance level, say) was never
+  learned, so losing it is not forgetting.
 
 Rows that were not evaluated are NaN (a joint run only has its last row). A metric whose inputs are NaN is NaN; we
 never average over the rows that happen to exist, because that would silently change what the number means. The one
@@ -95,16 +97,17 @@ def forgetting(matrix: np.ndarray) -> np.ndarray:
         matrix: ``[T, T]`` accuracy matrix, NaN where not evaluated.
 
     Returns:
-        ``[T-1]`` array with ``F_j = max_{l<T-1} R[l, j] - R[T-1, j]`` for ``j < T-1`` (empty when ``T == 1``).
-        Rows ``l`` that were not evaluated are skipped in the max; ``F_j`` is NaN if all of them are NaN or if
-        ``R[T-1, j]`` is NaN.
+        ``[T-1]`` array with ``F_j = max_{j<=l<T-1} R[l, j] - R[T-1, j]`` for ``j < T-1`` (empty when ``T == 1``).
+        Rows before task j was learned (``l < j``) never count. Rows ``l`` that were not evaluated are skipped in
+        the max; ``F_j`` is NaN if all of them are NaN or if ``R[T-1, j]`` is NaN.
     """
     r = _check_matrix(matrix)
     t = r.shape[0]
     earlier = r[: t - 1, : t - 1]  # [T-1, T-1]: rows l < T-1, columns j < T-1
     final = r[-1, : t - 1]  # [T-1]
     # A max over an all-NaN column is NaN; computed by hand to avoid numpy's "All-NaN slice" warning.
-    evaluated = ~np.isnan(earlier)
+    learned = np.tril(np.ones_like(earlier, dtype=bool))  # [l, j] True where l >= j: task j had been trained
+    evaluated = ~np.isnan(earlier) & learned
     best = np.where(evaluated, earlier, -np.inf).max(axis=0, initial=-np.inf)
     best = np.where(evaluated.any(axis=0), best, np.nan)
     return best - final

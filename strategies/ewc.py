@@ -23,6 +23,8 @@ class EWCConfig(StrategyConfig):
 
 
 class EWC(BaseStrategy):
+    """Full fine-tuning with Avalanche's EWC penalty (Fisher-weighted distance to earlier tasks' weights)."""
+
     name = "ewc"
     Config = EWCConfig
 

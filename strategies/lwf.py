@@ -21,6 +21,8 @@ class LwFConfig(StrategyConfig):
 
 
 class LwF(BaseStrategy):
+    """Full fine-tuning with Avalanche's LwF: distillation of the previous model's outputs on the new task's inputs."""
+
     name = "lwf"
     Config = LwFConfig
 

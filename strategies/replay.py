@@ -19,6 +19,8 @@ class ReplayConfig(StrategyConfig):
 
 
 class Replay(BaseStrategy):
+    """Full fine-tuning with Avalanche's experience replay: a fixed-size memory of earlier tasks' samples in every batch."""
+
     name = "replay"
     Config = ReplayConfig
 

@@ -67,3 +67,40 @@ tracking: {{uri: 'sqlite:///{tmp_path / 'cli.db'}', output_dir: {tmp_path / 'out
     out = capsys.readouterr().out
     assert "after agnews" in out and "ACC" in out and "BWT" in out
     assert (tmp_path / "out" / "custom" / "replay-minilm-taskhead-seed0" / "accuracy_matrix.png").is_file()
+
+
+def test_list_describes_every_strategy_and_preset_in_one_aligned_line(capsys):
+    from continual.cli import PRESETS_DIR, _presets
+
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    strategies = out.split("strategies:\n")[1].split("presets:\n")[0].splitlines()
+    presets = out.split("presets:\n")[1].splitlines()
+    assert len(presets) == len(_presets())
+    for block in (strategies, presets):
+        starts = set()
+        for line in block:
+            name, _, description = line.strip().partition(" ")
+            assert description.strip() and description.strip() != "(no description)", line
+            assert not description.strip().startswith("continual "), f"the command is not a description: {line}"
+            starts.add(len(line) - len(description.lstrip()))
+        assert len(starts) == 1, f"descriptions are not aligned: {block}"
+    for preset in _presets():
+        second = preset.read_text().splitlines()[1]
+        assert second.startswith("# ") and len(second) <= 102, (
+            f"{preset.relative_to(PRESETS_DIR)}: the second line must say in one line what the preset does"
+        )
+
+
+def test_known_third_party_noise_is_silenced_and_real_warnings_stay(recwarn):
+    import warnings
+
+    from continual.cli import quiet_known_warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_known_warnings()
+        warnings.warn("no QP solver found on your system, you can install solvers from PyPI", UserWarning)
+        warnings.warn("something the user should see", UserWarning)
+    assert [str(w.message) for w in caught] == ["something the user should see"]
+

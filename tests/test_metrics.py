@@ -53,15 +53,29 @@ def test_summarize_matches_functions_and_returns_floats():
     assert summary["forgetting"] == pytest.approx(0.275)
 
 
-def test_forgetting_max_runs_over_all_rows_before_the_last():
-    # F_j = max_{l<T-1} R[l][j] - R[T-1][j]: rows before task j was trained count too (as the spec defines it).
+def test_forgetting_max_runs_only_over_rows_after_the_task_was_learned():
+    # F_j = max_{j<=l<T-1} R[l][j] - R[T-1][j]: task 1 scored 0.9 before it was trained; that is not forgetting.
     r = np.array([
         [0.5, 0.9, 0.0],
         [0.5, 0.7, 0.0],
         [0.5, 0.6, 0.8],
     ])
-    # F_0 = max(0.5, 0.5) - 0.5 = 0;  F_1 = max(0.9, 0.7) - 0.6 = 0.3
-    np.testing.assert_allclose(forgetting(r), [0.0, 0.3])
+    # F_0 = max(0.5, 0.5) - 0.5 = 0;  F_1 = R[1][1] - R[2][1] = 0.7 - 0.6 = 0.1 (the 0.9 of row 0 does not count)
+    np.testing.assert_allclose(forgetting(r), [0.0, 0.1])
+
+
+def test_isolated_modules_that_cannot_forget_report_zero_forgetting():
+    # The LoRA run of the issue: BWT exactly 0, every earlier task bit-identical after later tasks, but task 1
+    # scored 52.0 before it was trained (chance level) and 50.0 after. The old max over every earlier row reported
+    # forgetting 0.50 (mean over 2 tasks of 0 and 1.0 points); nothing was forgotten.
+    r = np.array([
+        [0.90, 0.52, 0.31],
+        [0.90, 0.50, 0.33],
+        [0.90, 0.50, 0.70],
+    ])
+    assert backward_transfer(r) == 0.0
+    np.testing.assert_array_equal(forgetting(r), [0.0, 0.0])
+    assert mean_forgetting(r) == 0.0
 
 
 def test_no_initial_gives_nan_fwt():
@@ -103,9 +117,11 @@ def test_missing_middle_row():
     assert average_accuracy(r) == pytest.approx(0.70)
     assert math.isnan(backward_transfer(r))  # needs R[1][1]
     assert math.isnan(forward_transfer(r, B3))  # needs R[1][2]
-    # The max skips the missing row: F_0 = 0.90 - 0.60 = 0.30, F_1 = 0.20 - 0.60 = -0.40.
-    np.testing.assert_allclose(forgetting(r), [0.30, -0.40])
-    assert mean_forgetting(r) == pytest.approx(-0.05)
+    # The max skips the missing row: F_0 = 0.90 - 0.60 = 0.30; task 1 was learned in the missing row and no later
+    # row before the last exists, so F_1 is NaN (row 0, before task 1 was trained, does not count).
+    f = forgetting(r)
+    assert f[0] == pytest.approx(0.30) and math.isnan(f[1])
+    assert math.isnan(mean_forgetting(r))
 
 
 def test_nan_in_needed_entries_is_not_averaged_away():

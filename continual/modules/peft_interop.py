@@ -177,7 +177,7 @@ def export_peft_lora(
         model: the model the bank is attached to (the backbone); adapter module names are relative to it.
         task_index: the task to export.
         folder: output folder (created); ``adapter_config.json`` and ``adapter_model.safetensors`` are written.
-        base_model_name_or_path: recorded in the config; None: ``model.config._name_or_path`` when set.
+        base_model_name_or_path: recorded in the config; None: ``model.config.name_or_path`` when set.
         merge_slots: when the task uses several slots (sequential or simultaneous composition), write their exact
             sum as one LoRA of rank ``sum(r)`` instead of raising.
         skip_other_kinds: export only the LoRA part (with a warning) when the bank holds other kinds too, instead
@@ -243,7 +243,7 @@ def export_peft_lora(
                       stacklevel=2)
     bases = [_innermost(site) for site in lora.values()]
     if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
 
     def config_for(targets: List[str]) -> "LoraConfig":
         return LoraConfig(

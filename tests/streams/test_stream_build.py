@@ -69,10 +69,10 @@ def test_duplicate_tasks_are_rejected(cl_root, tmp_path, tokenizer, tasks):
 
 
 def test_bad_fourth_task_fails_before_any_tokenization(cl_root, tmp_path, counting_tokenizer):
-    cfg = config(cl_root, tmp_path, tasks=["agnews", "sst-2", "imdb", "cb"])
+    cfg = config(cl_root, tmp_path, tasks=["agnews", "sst-2", "imdb", "cola"])
     with pytest.raises(StreamError) as err:
         build_stream(cfg, counting_tokenizer, progress=False)
-    assert "'cb' not found" in str(err.value) and "hf:super_glue/cb" in str(err.value)
+    assert "'cola' not found" in str(err.value) and "hf:glue/cola" in str(err.value)
     assert counting_tokenizer.calls == 0
     assert cache_entries(tmp_path) == []
 

@@ -63,9 +63,9 @@ def test_find_task_dir_ambiguous_lists_candidates(tmp_path, make_task):
 
 def test_missing_task_lists_existing_tasks(cl_root):
     with pytest.raises(TaskNotFoundError) as err:
-        find_task_dir(cl_root, "cb")
+        find_task_dir(cl_root, "cola")
     message = str(err.value)
-    assert "'cb'" in message
+    assert "'cola'" in message
     for task in ("TC/agnews", "NLI/MNLI", "SC/SST-2", "QQP/QQP"):
         assert task in message
 

@@ -14,6 +14,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from continual.compat import bidirectional_mask, causal_mask
+
 
 @dataclass(frozen=True)
 class Family:
@@ -119,23 +121,13 @@ def layer_kwargs(model: nn.Module, family: Family, hidden: torch.Tensor, attenti
     """
     base = base_model(model, family)
     if family.name == "llama":
-        from transformers.masking_utils import create_causal_mask
-
         position_ids = torch.arange(hidden.shape[1], device=hidden.device)[None, :]
-        mask = create_causal_mask(
-            config=base.config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=None,
-            position_ids=position_ids,
-        )
         return {
-            "attention_mask": mask,
+            "attention_mask": causal_mask(base.config, hidden, attention_mask, position_ids),
             "position_ids": position_ids,
             "position_embeddings": base.rotary_emb(hidden, position_ids=position_ids),
         }
-    mask, _ = base._create_attention_masks(
-        attention_mask=attention_mask, encoder_attention_mask=None, embedding_output=hidden,
-        encoder_hidden_states=None, past_key_values=None,
-    )
-    return {"attention_mask": mask}
+    return {"attention_mask": bidirectional_mask(base, hidden, attention_mask)}
 
 
 def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:

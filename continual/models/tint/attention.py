@@ -26,6 +26,8 @@ from typing import Iterator, Optional, Tuple
 import torch
 from torch import nn
 
+from continual.compat import attn_implementation, dispatches_attention_interface
+
 DETACHED = "tint_detached_eager"
 # config.model_type values whose attention this function reproduces exactly (apart from the detached softmax).
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama")
@@ -109,8 +111,7 @@ def check_supported(model: nn.Module) -> None:
         )
     if getattr(config, "reorder_and_upcast_attn", False):
         raise ValueError("GPT-2 with reorder_and_upcast_attn=True bypasses the attention interface; set it to False")
-    can_set = getattr(model, "_can_set_attn_implementation", None)
-    if can_set is not None and not can_set():
+    if not dispatches_attention_interface(model):
         raise ValueError(f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface")
 
 
@@ -124,7 +125,7 @@ def detached_attention(model: nn.Module) -> Iterator[None]:
         with own(model):
             yield
         return
-    previous = model.config._attn_implementation
+    previous = attn_implementation(model)
     model.set_attn_implementation(DETACHED)
     try:
         yield
