@@ -1,69 +1,31 @@
 """What the recursive conversion needs to know about each supported architecture, written out per family.
 
-A family names where the stack of layers lives, the linear projections of one layer (the relaxation targets) and
-its normalisation modules; every parameter of a layer must be one of those, so an architecture change shows up as
-a clear error instead of a silently untied tensor. For early exit and depth-wise batching it also says how to turn
+The module names come from the one architecture table (:mod:`continual.modules.families`): where the stack of
+layers lives, the linear projections of one layer (the relaxation targets) and its normalisation modules; every
+parameter of a layer must be one of those, so an architecture change shows up as a clear error instead of a
+silently untied tensor. For early exit and depth-wise batching it also says how to turn
 token ids into the first hidden states, what the layers take besides them, and what the default exit head is.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
 
 from continual.compat import bidirectional_mask, causal_mask
+from continual.modules.families import FAMILIES as ARCHITECTURES
+from continual.modules.families import MODEL_TYPES as ARCHITECTURE_MODEL_TYPES
+from continual.modules.families import ArchitectureFamily as Family
+from continual.modules.families import family_of as architecture_family
+from continual.modules.families import model_type_of
 
 
-@dataclass(frozen=True)
-class Family:
-    """Module names of one architecture family (relative to a layer unless said otherwise).
-
-    Attributes:
-        name: "llama" or "bert".
-        layer_lists: dotted paths, from the model root, where the ``nn.ModuleList`` of layers may live (the first that
-            exists is used: ``model.layers`` in ``LlamaForCausalLM``, ``layers`` in a bare ``LlamaModel``).
-        projections: the linear layers of one layer, in forward order.
-        norms: the normalisation modules of one layer.
-    """
-
-    name: str
-    layer_lists: Tuple[str, ...]
-    projections: Tuple[str, ...]
-    norms: Tuple[str, ...]
-
-
-FAMILIES: Dict[str, Family] = {
-    "llama": Family(
-        name="llama",
-        layer_lists=("model.layers", "layers"),
-        projections=(
-            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-        ),
-        norms=("input_layernorm", "post_attention_layernorm"),
-    ),
-    "bert": Family(
-        name="bert",
-        layer_lists=("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer"),
-        projections=(
-            "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
-            "intermediate.dense", "output.dense",
-        ),
-        norms=("attention.output.LayerNorm", "output.LayerNorm"),
-    ),
-}
-
-# Hugging Face ``config.model_type`` -> family.
-MODEL_TYPES: Dict[str, str] = {
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "llama",
-    "bert": "bert",
-    "roberta": "bert",
-}
+# Recursive conversion also needs each family's embedding and per-layer arguments (below); these have them.
+RECURSIVE_FAMILIES = ("llama", "bert")
+FAMILIES: Dict[str, Family] = {name: ARCHITECTURES[name] for name in RECURSIVE_FAMILIES}
+MODEL_TYPES: Dict[str, str] = {t: f for t, f in ARCHITECTURE_MODEL_TYPES.items() if f in RECURSIVE_FAMILIES}
 
 
 def family_of(model: nn.Module) -> Family:
@@ -72,13 +34,13 @@ def family_of(model: nn.Module) -> Family:
     Raises:
         ValueError: an unsupported model type (the message lists the supported ones).
     """
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in MODEL_TYPES:
+    family = architecture_family(model, "recursive conversion")
+    if family.name not in FAMILIES:
         raise ValueError(
-            f"recursive conversion does not support model_type {model_type!r} ({type(model).__name__}); "
+            f"recursive conversion does not support model_type {model_type_of(model)!r} ({type(model).__name__}); "
             f"supported: {', '.join(sorted(MODEL_TYPES))}"
         )
-    return FAMILIES[MODEL_TYPES[model_type]]
+    return family
 
 
 def layer_list_path(model: nn.Module, family: Family) -> str:

@@ -7,7 +7,8 @@ family, which blocks there are and, in each block, which tensors (or which slice
 which modules are normalisations and which are elementwise activations. One :func:`register_layout` call per family;
 ``config.model_type`` picks the layout.
 
-Supported: GPT-2 (``gpt2``), Llama (``llama``, which covers SmolLM2) and the native ModuleFormer (``moduleformer``,
+Supported: GPT-2 (``gpt2``), Llama (``llama``, which covers SmolLM2), both read from the one architecture table
+(:mod:`continual.modules.families`), and the native ModuleFormer (``moduleformer``,
 :mod:`continual.models.moduleformer`). Another family (Qwen2...) plugs in with one more registration here; a family
 whose attention does not go through transformers' ``AttentionInterface`` also says how to stop its gradients
 (``stop_gradient``, see :class:`ModuleFormerLayout`) and whether it has a key/value cache (``kv_cache``).
@@ -21,6 +22,9 @@ from typing import Dict, Iterator, List, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from continual.modules.families import FAMILIES as ARCHITECTURES
+from continual.modules.families import ArchitectureFamily
 
 
 @dataclass(frozen=True)
@@ -128,63 +132,66 @@ def _norm_bias(prefix: str, module: nn.Module) -> List[UpdateSite]:
     return [UpdateSite(f"{prefix}.bias", bias)] if isinstance(bias, nn.Parameter) else []
 
 
-class GPT2Layout:
-    """GPT-2: ``transformer.h[i]`` blocks; ``attn.c_attn`` is a fused Conv1D (weight ``[in, 3d]``: q | k | v), so
-    only its value third is updated; ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj`` in full; ``ln_1``/``ln_2``
-    biases; ``transformer.ln_f`` is the final norm."""
+class FamilyLayout:
+    """A Hugging Face causal LM whose module names are an entry of the architecture table
+    (:mod:`continual.modules.families`).
+
+    Updated per block: the value projection (for GPT-2's fused ``attn.c_attn``, Conv1D weight ``[in, 3d]`` = q | k |
+    v, only its value third), the attention output projection, the FFN's gate (Llama), up and down projections (with
+    biases when present), and the biases of the block's norms (RMS norms have none). Norms are LayerNorm or RMSNorm,
+    read from the module itself; the final norm comes from the table too.
+    """
+
+    def __init__(self, family: ArchitectureFamily):
+        self.family = family
+
+    def _stack(self, model: nn.Module) -> Tuple[str, Sequence[nn.Module]]:
+        for path in self.family.layer_lists:
+            try:
+                return path, model.get_submodule(path)
+            except AttributeError:
+                continue
+        raise ValueError(f"{type(model).__name__} has none of the {self.family.name} block lists {self.family.layer_lists}")
 
     def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
-        return model.transformer.h
+        return self._stack(model)[1]
 
     def block_sites(self, model: nn.Module, index: int) -> BlockSites:
-        block = model.transformer.h[index]
-        prefix = f"transformer.h.{index}"
-        d = model.config.hidden_size
-        c_attn = block.attn.c_attn
-        value = [UpdateSite(f"{prefix}.attn.c_attn.weight[:, {2 * d}:]", c_attn.weight, (slice(None), slice(2 * d, 3 * d)))]
-        value.append(UpdateSite(f"{prefix}.attn.c_attn.bias[{2 * d}:]", c_attn.bias, (slice(2 * d, 3 * d),)))
-        update = (
-            value
-            + _linear_sites(f"{prefix}.attn.c_proj", block.attn.c_proj)
-            + _linear_sites(f"{prefix}.mlp.c_fc", block.mlp.c_fc)
-            + _linear_sites(f"{prefix}.mlp.c_proj", block.mlp.c_proj)
-            + _norm_bias(f"{prefix}.ln_1", block.ln_1)
-            + _norm_bias(f"{prefix}.ln_2", block.ln_2)
-        )
-        norms = [_ln(block.ln_1), _ln(block.ln_2)]
-        return BlockSites(update=update, norms=norms, activations=[block.mlp.act])
-
-    def final_norm(self, model: nn.Module) -> NormSite:
-        return _ln(model.transformer.ln_f)
-
-    def final_norm_sites(self, model: nn.Module) -> List[UpdateSite]:
-        return _norm_bias("transformer.ln_f", model.transformer.ln_f)
-
-
-class LlamaLayout:
-    """Llama family: ``model.layers[i]`` blocks; ``self_attn.v_proj``/``o_proj`` and ``mlp.gate_proj``/``up_proj``/
-    ``down_proj`` (with their biases when the config has them); RMS norms have no bias, so no norm tensor changes;
-    ``model.norm`` is the final norm."""
-
-    def blocks(self, model: nn.Module) -> Sequence[nn.Module]:
-        return model.model.layers
-
-    def block_sites(self, model: nn.Module, index: int) -> BlockSites:
-        block = model.model.layers[index]
-        prefix = f"model.layers.{index}"
-        update: List[UpdateSite] = []
-        for name in ("self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
-            update += _linear_sites(f"{prefix}.{name}", block.get_submodule(name))
-        for name in ("input_layernorm", "post_attention_layernorm"):
+        path, stack = self._stack(model)
+        block, prefix, f = stack[index], f"{path}.{index}", self.family
+        if f.qkv:
+            d = model.config.hidden_size
+            fused = block.get_submodule(f.qkv)
+            update = [UpdateSite(f"{prefix}.{f.qkv}.weight[:, {2 * d}:]", fused.weight, (slice(None), slice(2 * d, 3 * d)))]
+            if getattr(fused, "bias", None) is not None:
+                update.append(UpdateSite(f"{prefix}.{f.qkv}.bias[{2 * d}:]", fused.bias, (slice(2 * d, 3 * d),)))
+        else:
+            update = _linear_sites(f"{prefix}.{f.value}", block.get_submodule(f.value))
+        for name in (f.attn_out, f.ffn_gate, f.ffn_in, f.ffn_out):
+            if name:
+                update += _linear_sites(f"{prefix}.{name}", block.get_submodule(name))
+        for name in f.norms:
             update += _norm_bias(f"{prefix}.{name}", block.get_submodule(name))
-        norms = [_rms(block.input_layernorm), _rms(block.post_attention_layernorm)]
-        return BlockSites(update=update, norms=norms, activations=[block.mlp.act_fn])
+        norms = [_norm(block.get_submodule(name)) for name in f.norms]
+        return BlockSites(update=update, norms=norms, activations=[block.get_submodule(f.ffn_act)])
+
+    def _final(self, model: nn.Module) -> Tuple[str, nn.Module]:
+        for path in self.family.final_norm or ():
+            try:
+                return path, model.get_submodule(path)
+            except AttributeError:
+                continue
+        raise ValueError(f"{type(model).__name__} has no final norm at {self.family.final_norm}")
 
     def final_norm(self, model: nn.Module) -> NormSite:
-        return _rms(model.model.norm)
+        return _norm(self._final(model)[1])
 
     def final_norm_sites(self, model: nn.Module) -> List[UpdateSite]:
-        return _norm_bias("model.norm", model.model.norm)
+        return _norm_bias(*self._final(model))
+
+
+def _norm(module: nn.Module) -> NormSite:
+    return _ln(module) if isinstance(module, nn.LayerNorm) else _rms(module)
 
 
 def _ln(module: nn.LayerNorm) -> NormSite:
@@ -250,9 +257,9 @@ def has_kv_cache(model: nn.Module) -> bool:
     return bool(getattr(layout_for(model), "kv_cache", True))
 
 
-register_layout(["gpt2"], GPT2Layout())
+register_layout(["gpt2"], FamilyLayout(ARCHITECTURES["gpt2"]))
+register_layout(["llama"], FamilyLayout(ARCHITECTURES["llama"]))
 register_layout(["moduleformer"], ModuleFormerLayout())
-register_layout(["llama"], LlamaLayout())
 
 
 # ---------------------------------------------------------------------------------------------------- selection

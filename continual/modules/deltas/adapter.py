@@ -14,16 +14,12 @@ from typing import ClassVar, Dict, Tuple
 import torch
 from torch import nn
 
+from continual.modules.families import default_targets
 from continual.modules.deltas.mixing import ACTIVATIONS, mixed_bottleneck
 from continual.modules.deltas.registry import register_delta
 
 # Attention output and FFN output projections, per architecture family.
-BLOCK_OUTPUTS: Dict[str, str] = {
-    "bert": r"attention\.output\.dense|layer\.\d+\.output\.dense",
-    "gpt2": r"attn\.c_proj|mlp\.c_proj",
-    "llama": r"self_attn\.o_proj|mlp\.down_proj",
-    "t5": r"SelfAttention\.o|EncDecAttention\.o|DenseReluDense\.wo",
-}
+BLOCK_OUTPUTS: Dict[str, str] = default_targets("block_outputs")
 
 
 def init_bottleneck(rows: int, cols: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

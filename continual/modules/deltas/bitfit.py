@@ -13,6 +13,7 @@ from typing import ClassVar, Dict, Tuple
 import torch
 from torch import nn
 
+from continual.modules.families import default_targets
 from continual.modules.deltas.registry import register_delta
 
 
@@ -28,12 +29,7 @@ class BitFitDelta(nn.Module):
     kind: ClassVar[str] = "bitfit"
     options: ClassVar[Tuple[str, ...]] = ()
     # Every linear of every block (the paper trains all biases; LayerNorm biases are not covered here).
-    default_targets: ClassVar[Dict[str, str]] = {
-        "bert": r"attention\.self\.(?:query|key|value)|attention\.output\.dense|intermediate\.dense|layer\.\d+\.output\.dense",
-        "gpt2": r"c_attn|c_proj|c_fc",
-        "llama": r"(?:q|k|v|o|gate|up|down)_proj",
-        "t5": r"q|k|v|o|wi|wi_0|wi_1|wo",
-    }
+    default_targets: ClassVar[Dict[str, str]] = default_targets("block_biases")
     mergeable: ClassVar[bool] = True
 
     def __init__(self, in_features: int, out_features: int):

@@ -14,14 +14,10 @@ from typing import ClassVar, Dict, Tuple
 import torch
 from torch import nn
 
+from continual.modules.families import default_targets
 from continual.modules.deltas.registry import register_delta
 
-ALL_BLOCK_LINEARS: Dict[str, str] = {
-    "bert": r"attention\.self\.(?:query|key|value)|attention\.output\.dense|intermediate\.dense|layer\.\d+\.output\.dense",
-    "gpt2": r"attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj",
-    "llama": r"self_attn\.(?:q|k|v|o)_proj|mlp\.(?:gate|up|down)_proj",
-    "t5": r"(?:SelfAttention|EncDecAttention)\.(?:q|k|v|o)|DenseReluDense\.(?:wi|wi_0|wi_1|wo)",
-}
+ALL_BLOCK_LINEARS: Dict[str, str] = default_targets("block_linears")
 
 
 @register_delta
@@ -84,9 +80,4 @@ class LastLayerDelta(SelectiveDelta):
     """Per-task offsets of every linear of the last transformer layer (last-layer tuning)."""
 
     kind: ClassVar[str] = "last_layer"
-    default_targets: ClassVar[Dict[str, str]] = {
-        "bert": r"encoder\.layer\.{last}\.(?:attention\.self\.(?:query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)",
-        "gpt2": r"h\.{last}\.(?:" + ALL_BLOCK_LINEARS["gpt2"] + ")",
-        "llama": r"layers\.{last}\.(?:" + ALL_BLOCK_LINEARS["llama"] + ")",
-        "t5": r"block\.{last}\.layer\.\d+\.(?:" + ALL_BLOCK_LINEARS["t5"] + ")",
-    }
+    default_targets: ClassVar[Dict[str, str]] = default_targets("last_block_linears")

@@ -13,6 +13,7 @@ from typing import ClassVar, Dict, Tuple
 import torch
 from torch import nn
 
+from continual.modules.families import default_targets
 from continual.modules.deltas.mixing import mixed_bottleneck
 from continual.modules.deltas.registry import register_delta
 
@@ -31,12 +32,7 @@ class LoRADelta(nn.Module):
 
     kind: ClassVar[str] = "lora"
     options: ClassVar[Tuple[str, ...]] = ("r", "alpha", "dropout")
-    default_targets: ClassVar[Dict[str, str]] = {
-        "bert": r"attention\.self\.query|attention\.self\.value",
-        "gpt2": r"attn\.c_attn",
-        "llama": r"self_attn\.q_proj|self_attn\.v_proj",
-        "t5": r"q|v",
-    }
+    default_targets: ClassVar[Dict[str, str]] = default_targets("query_value")
     mergeable: ClassVar[bool] = True
 
     def __init__(self, in_features: int, out_features: int, r: int = 8, alpha: float = 16.0, dropout: float = 0.0):

@@ -23,6 +23,7 @@ from typing import ClassVar, Dict, Tuple
 import torch
 from torch import nn
 
+from continual.modules.families import default_targets
 from continual.modules.deltas.registry import register_delta
 
 
@@ -178,12 +179,7 @@ class PrefixDelta(VirtualTokens):
 
     kind: ClassVar[str] = "prefix"
     options: ClassVar[Tuple[str, ...]] = ("tokens", "reparam_hidden")
-    default_targets: ClassVar[Dict[str, str]] = {
-        "bert": r"attention\.self\.(?:key|value)",
-        "gpt2": r"attn\.c_attn",
-        "llama": r"self_attn\.(?:k|v)_proj",
-        "t5": r"SelfAttention\.(?:k|v)",
-    }
+    default_targets: ClassVar[Dict[str, str]] = default_targets("key_value")
 
     def __init__(self, in_features: int, out_features: int, tokens: int = 6, reparam_hidden: int = 0):
         columns = (in_features, out_features) if out_features == 3 * in_features else (0, out_features)
