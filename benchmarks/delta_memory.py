@@ -1,7 +1,7 @@
 """Peak training memory of every delta kind against full fine-tuning on the same backbone (Ding et al. 2023 report
 that delta tuning saves up to 3/4 of GPU memory at small batches and at least 1/3 at large ones).
 
-    python benchmarks/delta_memory.py --backbone minilm --batch 32 --length 128 --device auto
+    python -m benchmarks.delta_memory --backbone minilm --batch 32 --length 128 --device auto
 
 Every kind registered in ``continual.modules.DELTA_KINDS`` when the script runs is measured with its default targets
 and the delta strategy's default options, plus full fine-tuning; each configuration runs in a fresh subprocess so
@@ -31,9 +31,8 @@ from typing import Dict, List, Sequence
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from delta_speed import parse_overrides  # noqa: E402 (the sibling script; same --override syntax)
+from benchmarks.delta_speed import parse_overrides  # same --override syntax
 
 FULL = "full_finetune"
 N_CLASSES = 4
@@ -122,9 +121,10 @@ def measure(args: argparse.Namespace) -> dict:
     """Train one configuration for ``args.steps`` steps and return its memory numbers (bytes)."""
     import torch.nn.functional as F
 
-    from continual.expansion import TaskInfo, resolve_device, set_trainable
+    from continual.expansion import TaskInfo
     from continual.models.backbone import load_backbone
     from continual.models.classifier import ContinualClassifier
+    from continual.training import resolve_device, set_trainable
     from strategies.delta import DeltaStrategy
     from strategies.full_finetune import FullFinetune
 
@@ -177,7 +177,7 @@ def measure(args: argparse.Namespace) -> dict:
 
 # ---------------------------------------------------------------------------------------------------- parent
 def run_worker(config: str, argv: Sequence[str]) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", config]
+    command = [sys.executable, "-m", "benchmarks.delta_memory", *argv, "--worker", config]
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
@@ -220,8 +220,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from tqdm.auto import tqdm
 
-    from continual.expansion import resolve_device
     from continual.modules import DELTA_KINDS
+    from continual.training import resolve_device
 
     # read at run time: newly registered kinds are measured with no change here; block kinds (experts) need an
     # upcycled backbone and are measured through their own strategy

@@ -1,11 +1,11 @@
 """Accuracy of several experiment presets run one after the other, in one combined table (for the delta-tuning
 findings of Ding et al. 2023: full FT > LoRA > adapter > prefix > prompt, compositions, forgetting).
 
-    python benchmarks/delta_quality.py configs/quickstart.yaml configs/deltas/lora.yaml configs/baselines/joint.yaml \
+    python -m benchmarks.delta_quality configs/quickstart.yaml configs/deltas/lora.yaml configs/baselines/joint.yaml \
         --set training.device=cuda --out outputs/delta_quality
 
 Each preset (a YAML path, or a preset name as ``continual run`` takes it) is loaded with the ``--set key=value``
-overrides applied to all of them and run through ``continual.runner.run_experiment`` (MLflow tracking and per-run
+overrides applied to all of them and run through ``continual.recipes.run.run_experiment`` (MLflow tracking and per-run
 artifacts as usual; each run is named after its preset unless ``--set tracking.run_name=...`` says otherwise). The
 combined table has, per run: the last row of the accuracy matrix (accuracy on every task after the whole stream),
 ACC, BWT, FWT, forgetting, trainable parameters per task and the parameters stored at the end. It is printed and
@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 @dataclass
@@ -75,16 +73,15 @@ def run_labels(configs: Sequence[str]) -> List[str]:
 
 
 def run_one(config: str, label: str, overrides: Sequence[str]) -> RunRow:
-    from continual.cli import _resolve_config
-    from continual.config import load_config
+    from continual.cli import resolve_config
     from continual.metrics import summarize
-    from continual.runner import run_experiment
+    from continual.recipes.run import load_config, run_experiment
 
     row = RunRow(label=label, config=config)
     start = time.perf_counter()
     try:
         # The preset's own name first, so that runs sharing a strategy do not share an output folder; --set wins.
-        cfg = load_config(_resolve_config(config), overrides=[f"tracking.run_name={label}", *overrides])
+        cfg = load_config(resolve_config(config), overrides=[f"tracking.run_name={label}", *overrides])
         row.strategy = _describe_strategy(cfg)
         result = run_experiment(cfg)
     except Exception as err:  # one failed preset must not lose the others' results
@@ -192,12 +189,13 @@ def write_outputs(rows: List[RunRow], out: Path, command: str) -> List[Path]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from continual.config import ConfigError, load_config
-    from continual.cli import _resolve_config
+    from continual.cli import resolve_config
+    from continual.config import ConfigError
+    from continual.recipes.run import load_config
 
     for config in args.configs:  # fail on a bad preset or override before hours of runs
         try:
-            load_config(_resolve_config(config), overrides=args.overrides)
+            load_config(resolve_config(config), overrides=args.overrides)
         except ConfigError as err:
             print(f"error: {config}: {err}", file=sys.stderr)
             return 2
@@ -205,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for i, (config, label) in enumerate(zip(args.configs, run_labels(args.configs))):
         print(f"=== run {i + 1}/{len(args.configs)}: {label} ({config})", flush=True)
         rows.append(run_one(config, label, args.overrides))
-    command = " ".join(["python benchmarks/delta_quality.py", *args.configs] +
+    command = " ".join(["python -m benchmarks.delta_quality", *args.configs] +
                        (["--set", *args.overrides] if args.overrides else []) + ["--out", args.out])
     paths = write_outputs(rows, Path(args.out), command)
     print()

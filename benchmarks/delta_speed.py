@@ -1,6 +1,6 @@
 """Speed of per-task LoRA in the module bank against PEFT, measured side by side in one process.
 
-    python benchmarks/delta_speed.py --backbone minilm --batch 50 --length 64 --steps 20 --device auto
+    python -m benchmarks.delta_speed --backbone minilm --batch 50 --length 64 --steps 20 --device auto
 
 Three measurements, each a ratio of two timings taken in the same run (rounds alternate between the two sides so
 that machine noise hits both alike; medians over ``--repeats`` rounds after ``--warmup`` discarded rounds of
@@ -31,14 +31,12 @@ import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 N_CLASSES = 4  # labels per synthetic task
 TARGET = 1.05  # the issue's bound on our overheads
@@ -356,8 +354,9 @@ def inference_section(args, backbone, batches, device) -> Tuple[List[tuple], flo
 
 def mixed_training_section(args, backbone, batches, device) -> Tuple[List[tuple], str]:
     """One step on a batch spanning several tasks (all their slots train) vs a one-task batch (one slot trains)."""
-    from continual.expansion import TaskInfo, set_trainable
+    from continual.expansion import TaskInfo
     from continual.models.classifier import ContinualClassifier
+    from continual.training import set_trainable
     from strategies.delta import DeltaStrategy
 
     M = args.mixed_train_tasks
@@ -430,8 +429,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notices, hit by PEFT
     import peft
 
-    from continual.expansion import TaskInfo, resolve_device
+    from continual.expansion import TaskInfo
     from continual.models.backbone import load_backbone
+    from continual.training import resolve_device
 
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)

@@ -1,9 +1,9 @@
 """Prune unused experts after a stream: per-task routing usage, parameters removed, accuracy before and after
 (ModuleFormer, Shen et al. 2023: experts a deployed task does not use can be removed).
 
-    python benchmarks/experts_pruning.py configs/experts/order1.yaml --thresholds 0.01 0.05 --device auto
+    python -m benchmarks.experts_pruning configs/experts/order1.yaml --thresholds 0.01 0.05 --device auto
 
-1. The preset runs through ``continual.runner.run_experiment`` with per-task checkpoints (or ``--checkpoints DIR``
+1. The preset runs through ``continual.recipes.run.run_experiment`` with per-task checkpoints (or ``--checkpoints DIR``
    reuses those of a finished run of the same preset and overrides).
 2. The model is rebuilt from the checkpoints (``strategy.load_task_state``) and every deployed task's training split
    runs through it with usage recording on: how often each expert is chosen, per task and site (real tokens only).
@@ -28,8 +28,6 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -66,7 +64,7 @@ def rebuild(cfg, checkpoint_dir: Path, device: torch.device):
     from continual.checkpoint import load_task_state
     from continual.models.backbone import load_backbone
     from continual.models.classifier import ContinualClassifier
-    from continual.runner import seed_everything
+    from continual.training import seed_everything
     from streams.build import build_stream
     from strategies.registry import build_strategy
 
@@ -145,16 +143,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     from tqdm.auto import tqdm
 
-    from continual.cli import _resolve_config
-    from continual.config import load_config
-    from continual.expansion import resolve_device
+    from continual.cli import resolve_config
     from continual.modules.experts import expert_deltas, prune_unused
-    from continual.runner import run_experiment
+    from continual.recipes.run import load_config, run_experiment
+    from continual.training import resolve_device
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     checkpoint_dir = Path(args.checkpoints) if args.checkpoints else out / "checkpoints"
-    cfg = load_config(_resolve_config(args.config), overrides=overrides_from(args, checkpoint_dir))
+    cfg = load_config(resolve_config(args.config), overrides=overrides_from(args, checkpoint_dir))
     if cfg.strategy.name != "experts":
         raise SystemExit(f"{args.config}: strategy.name is {cfg.strategy.name!r}; this benchmark prunes 'experts'")
     device = resolve_device(cfg.training.device)

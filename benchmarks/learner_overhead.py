@@ -1,6 +1,6 @@
 """Training speed of the Avalanche learner vs a hand-written PyTorch loop, same model, data and batches.
 
-    python benchmarks/learner_overhead.py --backbone minilm --batches 20 --batch-size 16 --max-length 64
+    python -m benchmarks.learner_overhead --backbone minilm --batches 20 --batch-size 16 --max-length 64
 
 Both sides fine-tune the same backbone (full fine-tuning, AdamW) on the same pre-tokenized batches of one real task,
 alternating the two measurements so machine noise hits both alike. Prints samples/s of each and their ratio
@@ -13,13 +13,9 @@ import argparse
 import copy
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
@@ -33,10 +29,10 @@ def main() -> None:
     parser.add_argument("--data-root", default=os.environ.get("CONTINUAL_DATA"))
     args = parser.parse_args()
 
-    from continual.config import load_config
     from continual.learner import ContinualLearner
     from continual.models.backbone import load_backbone
     from continual.models.classifier import ContinualClassifier
+    from continual.recipes.run import load_config
     from streams.avalanche import to_avalanche_benchmark
     from streams.build import build_stream
     from strategies.full_finetune import FullFinetune

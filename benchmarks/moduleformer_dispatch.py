@@ -1,6 +1,6 @@
 """Cost of the ModuleFormer expert layer as the number of experts grows at fixed k, tokens and width.
 
-    python benchmarks/moduleformer_dispatch.py --device auto --tokens 8192 --d-model 512 --hidden 1024 --backward
+    python -m benchmarks.moduleformer_dispatch --device auto --tokens 8192 --d-model 512 --hidden 1024 --backward
 
 Each ``ExpertLayer`` (E experts, top-k, MLP gate) processes the same ``--tokens`` tokens of width ``--d-model``; every
 expert has the same hidden width, so the matmul work per token is the same for every E (k experts per token) and only
@@ -15,15 +15,13 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Callable, Dict, List
 
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from continual.models.moduleformer.experts import DISPATCH_BACKENDS, ExpertLayer  # noqa: E402
+from continual.models.moduleformer.experts import DISPATCH_BACKENDS, ExpertLayer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

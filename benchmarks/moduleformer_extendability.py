@@ -2,12 +2,12 @@
 2306.04640): a pretrained ModuleFormer learns a stream of new text domains by adding experts per domain, against the
 same model fine-tuned densely on each domain in turn.
 
-    python benchmarks/moduleformer_extendability.py --device auto                      # configs/lm pair, full size
-    python benchmarks/moduleformer_extendability.py --size tiny --pretrain-steps 20 --steps-per-domain 10 \\
+    python -m benchmarks.moduleformer_extendability --device auto                      # configs/lm pair, full size
+    python -m benchmarks.moduleformer_extendability --size tiny --pretrain-steps 20 --steps-per-domain 10 \\
         --max-sentences 200 --eval-blocks 8 --no-tracking                             # smoke run, seconds
 
 One model is built and pretrained once on the general text (``pretrain.tasks``); both modes then start from a copy of
-those weights (the printed checksum is the same for both) and run the continual-LM recipe (``continual.lm``) on the
+those weights (the printed checksum is the same for both) and run the continual-LM recipe (``continual.recipes.lm``) on the
 same domains with the same steps, learning rate and objective. Experts mode adds ``experts_per_domain`` FFN and
 ``att_experts_per_domain`` attention experts per layer for each domain and trains only them; dense mode trains every
 weight. Printed side by side: held-back perplexity of every domain (and of the general text) after each domain,
@@ -29,9 +29,9 @@ from typing import Dict, List
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from continual.lm import LMResult, build_lm, load_lm_config, pretrain, run_continual_lm, text_blocks, weights_checksum  # noqa: E402
+from continual.recipes.lm import LMResult, build_lm, load_lm_config, pretrain, run_continual_lm, weights_checksum
+from continual.training import resolve_device, text_blocks
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "lm" / "moduleformer_experts.yaml"
 MODES = ("experts", "dense")
@@ -146,8 +146,6 @@ def main() -> int:
     args = parse_args()
     overrides = overrides_from(args)
     base = load_lm_config(args.config, overrides)
-    from continual.expansion import resolve_device
-
     import torch
 
     if base.training.threads:
@@ -160,7 +158,7 @@ def main() -> int:
     model, tokenizer = build_lm(base.model)
     model = model.to(device)
     if base.pretrain.steps:
-        general = text_blocks(base, tokenizer, base.pretrain.tasks)
+        general = text_blocks(base.data, tokenizer, base.pretrain.tasks)
         clock = time.perf_counter()
         losses = pretrain(model, general.train, base, device)
         print(f"pretrained {base.pretrain.steps} steps on {', '.join(base.pretrain.tasks)} in "

@@ -1,7 +1,7 @@
 """Held-back perplexity of a causal LM, its plain recursive conversions and its relaxed (SVD-LoRA) ones, before and
 after a short uptraining, side by side (Relaxed Recursive Transformers, Bae et al. 2024, arXiv 2410.20672).
 
-    python benchmarks/recursive_perplexity.py --model smollm2 --loops 2 --uptrain-steps 200 --device cuda
+    python -m benchmarks.recursive_perplexity --model smollm2 --loops 2 --uptrain-steps 200 --device cuda
 
 Rows: the original model (and the original uptrained the same way: the text is CL_Benchmark sentences, so part of
 any gain is domain adaptation, which this row measures), the plain recursive model for each ``--inits``, and the
@@ -9,7 +9,7 @@ relaxed model at each ``--ranks`` with SVD init from ``--relaxed-init``. Every r
 weights, is evaluated on the same held-back blocks (sentences never used for training), uptrained with the same
 steps, batches and learning rate, and shown with its parameter count. Smoke run on CPU:
 
-    python benchmarks/recursive_perplexity.py --random-init --config-overrides '{"num_hidden_layers": 4,
+    python -m benchmarks.recursive_perplexity --random-init --config-overrides '{"num_hidden_layers": 4,
         "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}'
         --ranks 8 --inits stepwise --uptrain-steps 5 --block-size 64 --max-sentences 300 --eval-blocks 8
 """
@@ -20,13 +20,10 @@ import argparse
 import copy
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
@@ -56,10 +53,10 @@ def main() -> None:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
 
-    from continual.expansion import resolve_device
     from continual.models.backbone import load_causal_lm
     from continual.models.recursive import convert_to_recursive, parameter_breakdown
-    from continual.uptrain import evaluate, uptrain
+    from continual.recipes.uptrain import evaluate, uptrain
+    from continual.training import resolve_device
     from streams.text import build_text_blocks
 
     torch.manual_seed(args.seed)

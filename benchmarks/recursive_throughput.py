@@ -1,7 +1,7 @@
 """Throughput of early exit with continuous depth-wise batching vs the unconverted model, on the same inputs
 (Relaxed Recursive Transformers, Bae et al. 2024, arXiv 2410.20672, section 4).
 
-    python benchmarks/recursive_throughput.py --model smollm2 --loops 2 --rank 32 --thresholds 0.3,0.5,0.8 --device cuda
+    python -m benchmarks.recursive_throughput --model smollm2 --loops 2 --rank 32 --thresholds 0.3,0.5,0.8 --device cuda
 
 The task is next-token prediction at the end of held-back CL_Benchmark text (each sample: ``--seq-len`` tokens,
 scored at its last position). Rows:
@@ -17,7 +17,7 @@ depths, and top-1 agreement with the unconverted model and with the recursive mo
 Use ``--recursive FOLDER`` for an uptrained model (``continual uptrain``; ``training.loop_loss_weight`` trains the
 early exits); otherwise the model is converted here without training. Smoke run on CPU:
 
-    python benchmarks/recursive_throughput.py --random-init --config-overrides '{"num_hidden_layers": 4,
+    python -m benchmarks.recursive_throughput --random-init --config-overrides '{"num_hidden_layers": 4,
         "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}'
         --samples 32 --seq-len 32 --slots 8 --thresholds 0.00003,0.0001 --max-sentences 300 --repeats 1
 """
@@ -29,13 +29,10 @@ import copy
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def timed(fn, device: torch.device, repeats: int):
@@ -76,10 +73,10 @@ def main() -> None:
     parser.add_argument("--output", default=None, help="write the rows as JSON here")
     args = parser.parse_args()
 
-    from continual.expansion import resolve_device
     from continual.models.backbone import load_causal_lm
     from continual.models.recursive import convert_to_recursive, depthwise_early_exit, load_recursive, parameter_breakdown
     from continual.models.recursive.families import last_token
+    from continual.training import resolve_device
     from streams.text import build_text_blocks
 
     torch.manual_seed(args.seed)

@@ -1,7 +1,7 @@
 """Few-shot classification with TinT's one-step internal fine-tuning vs the plain model (Panigrahi et al. 2023,
 arXiv 2307.01189, §4.2), on CL_Benchmark tasks with label words.
 
-    python benchmarks/tint_fewshot.py --model smollm2 --tasks SST-2 agnews yelp --shots 32 --seeds 0 1 2 \\
+    python -m benchmarks.tint_fewshot --model smollm2 --tasks SST-2 agnews yelp --shots 32 --seeds 0 1 2 \\
         --layers 1 3 all --lrs 1e-3 5e-4 1e-4 1e-5 --losses context label_words --eval-examples 200
 
 For every task and seed, ``--shots`` examples are drawn from the task's training split and packed into one
@@ -15,7 +15,7 @@ measured); shots are drawn by task name, so one process per task draws what a jo
 ``--merge fs_SST-2.json fs_agnews.json ...`` prints the joint table from such per-task files. Smoke run on a tiny
 random model:
 
-    python benchmarks/tint_fewshot.py --model <folder with a tiny GPT-2 and its tokenizer> --random-init \\
+    python -m benchmarks.tint_fewshot --model <folder with a tiny GPT-2 and its tokenizer> --random-init \\
         --shots 4 --seeds 0 1 --layers 1 all --lrs 1e-2 --eval-examples 16 --device cpu
 """
 
@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import zlib
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -33,7 +32,6 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # The label words the CL_Benchmark sentiment tasks need (their 5 labels share first tokens such as " very").
 DEFAULT_LABEL_WORDS = {
@@ -116,10 +114,9 @@ def main() -> None:
         return merge(args.merge, args.plot)
     from tqdm.auto import tqdm
 
-    from continual.expansion import resolve_device
     from continual.models.backbone import load_causal_lm
-    from continual.runner import seed_everything
     from continual.models.tint import InnerStep, PromptFormat, TinTClassifier, build_context, label_word_ids
+    from continual.training import resolve_device, seed_everything
     from streams.build import load_task
     from streams.cl_benchmark import data_root_from
     from streams.sampling import cap_total

@@ -1,7 +1,7 @@
 """Language modelling with TinT's one-step internal fine-tuning vs the plain model (Panigrahi et al. 2023,
 arXiv 2307.01189, §4.1) on held-back CL_Benchmark text.
 
-    python benchmarks/tint_lm.py --model smollm2 --tasks agnews yelp dbpedia yahoo --chunk-length 512 --chunks 64 \\
+    python -m benchmarks.tint_lm --model smollm2 --tasks agnews yelp dbpedia yahoo --chunk-length 512 --chunks 64 \\
         --layers 1 3 all --lrs 1e-3 5e-4 1e-4 1e-5
 
 The test splits of ``--tasks`` (text the classification runs never train on) are joined with blank lines,
@@ -10,7 +10,7 @@ on the next-token loss of the first half (summed, TinT's approximations) and its
 measured with the whole chunk as input; "plain" is the unmodified model on the same tokens. Prints loss and
 perplexity of each, and the gain (plain - one-step loss) with its std over chunks. Smoke run on a tiny random model:
 
-    python benchmarks/tint_lm.py --model <folder with a tiny GPT-2 and its tokenizer> --random-init \\
+    python -m benchmarks.tint_lm --model <folder with a tiny GPT-2 and its tokenizer> --random-init \\
         --chunk-length 64 --chunks 4 --layers 1 all --lrs 1e-2 --device cpu
 """
 
@@ -20,11 +20,8 @@ import argparse
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Optional
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _layers(value: str) -> Optional[int]:
@@ -52,10 +49,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    from continual.expansion import resolve_device
     from continual.models.backbone import load_causal_lm
-    from continual.runner import seed_everything
     from continual.models.tint import InnerStep, chunk_tokens, evaluate_lm
+    from continual.training import resolve_device, seed_everything
     from streams.build import load_task
     from streams.cl_benchmark import data_root_from
 

@@ -1,5 +1,6 @@
-"""Command line: ``continual run CONFIG [key=value ...]``, ``continual lm CONFIG [key=value ...]`` and
-``continual list``.
+"""Command line: ``continual run CONFIG [key=value ...]``, ``continual lm CONFIG [key=value ...]``,
+``continual uptrain [CONFIG] [key=value ...]`` and ``continual list``; each command calls one recipe
+(``continual.recipes``).
 
 Heavy libraries (torch, Avalanche, MLflow) are imported only by the commands that need them, so ``--help`` and
 ``list`` answer at once.
@@ -21,7 +22,7 @@ def _presets() -> List[Path]:
     return sorted(PRESETS_DIR.rglob("*.yaml")) if PRESETS_DIR.is_dir() else []
 
 
-def _resolve_config(name: str) -> Path:
+def resolve_config(name: str) -> Path:
     """A path, or the name of a preset in configs/ (with or without .yaml)."""
     path = Path(name)
     if path.is_file():
@@ -73,29 +74,26 @@ def quiet_known_warnings() -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from continual.config import load_config
+    from continual.recipes.run import load_config, run_experiment
 
-    cfg = load_config(_resolve_config(args.config), overrides=args.overrides)
-    from continual.runner import run_experiment
-
-    run_experiment(cfg)
+    run_experiment(load_config(resolve_config(args.config), overrides=args.overrides))
     return 0
 
 
 def cmd_uptrain(args: argparse.Namespace) -> int:
-    from continual.uptrain import load_uptrain_config, run_uptraining
+    from continual.recipes.uptrain import load_uptrain_config, run_uptraining
 
     config = None
     if args.args and "=" not in args.args[0]:
-        config, args.args = _resolve_config(args.args[0]), args.args[1:]
+        config, args.args = resolve_config(args.args[0]), args.args[1:]
     run_uptraining(load_uptrain_config(config, overrides=args.args))
     return 0
 
 
 def cmd_lm(args: argparse.Namespace) -> int:
-    from continual.lm import load_lm_config, run_continual_lm
+    from continual.recipes.lm import load_lm_config, run_continual_lm
 
-    run_continual_lm(load_lm_config(_resolve_config(args.config), overrides=args.overrides))
+    run_continual_lm(load_lm_config(resolve_config(args.config), overrides=args.overrides))
     return 0
 
 
@@ -110,8 +108,8 @@ def _known_errors() -> tuple:
         errors.append(StreamError)
     except ImportError:  # pragma: no cover - the streams package always ships it
         pass
-    if "continual.learner" in sys.modules:
-        from continual.learner import NonFiniteLossError
+    if "continual.training" in sys.modules:  # whatever raised it imported it; do not import torch just to check
+        from continual.training import NonFiniteLossError
 
         errors.append(NonFiniteLossError)
     return tuple(errors)

@@ -2,8 +2,9 @@
 
 A config file is plain YAML. It is merged onto the dataclass schema below, so an unknown key or a value of the
 wrong type fails at load time with the key's full path (``training.lr``), before any data or model is touched.
-The ``strategy`` node is typed by the chosen strategy's own config dataclass (see ``strategies.registry``), so a
-strategy's options are checked as strictly as the rest. Configs never execute code: the only interpolation
+The ``strategy`` node is typed by the chosen strategy's own config dataclass, which the caller looks up (the run
+recipe asks ``strategies.registry``; this module imports nothing above it), so a strategy's options are checked as
+strictly as the rest. Configs never execute code: the only interpolation
 resolvers are OmegaConf's built-ins (``${oc.env:VAR,default}``).
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -171,10 +172,12 @@ def merge_layers(schema: DictConfig, layers: Sequence[Tuple[str, DictConfig]]) -
     return cfg
 
 
-def load_config(
+def load_experiment_config(
     path: str | Path | None = None,
     overrides: Sequence[str] = (),
     extra: Dict[str, Any] | None = None,
+    *,
+    strategy_schema: Callable[[str], type],
 ) -> DictConfig:
     """Load a YAML preset, apply ``key=value`` overrides and validate against the schema.
 
@@ -182,6 +185,8 @@ def load_config(
         path: YAML file (may be None for pure defaults).
         overrides: dotlist overrides, e.g. ``["training.lr=1e-4", "strategy.name=ewc"]``.
         extra: a plain dict merged after the file and before the overrides (used by tests and the Python API).
+        strategy_schema: the config dataclass (a :class:`StrategyConfig`) of a strategy name; raises ``KeyError``
+            with a message naming the known strategies for an unknown one.
 
     Returns:
         A resolved, read-only ``DictConfig`` typed by :class:`ExperimentConfig`, whose ``strategy`` node is typed by
@@ -190,8 +195,6 @@ def load_config(
     Raises:
         ConfigError: unknown key, wrong type, unknown strategy or out-of-range choice, naming the full key path.
     """
-    from strategies.registry import get_strategy_config_class
-
     layers = read_layers(path, overrides, extra)
 
     # The strategy name decides the schema of the `strategy` node, so find it first (last layer wins).
@@ -201,7 +204,7 @@ def load_config(
         if isinstance(node, DictConfig) and node.get("name") is not None:
             name = str(node.get("name"))
     try:
-        strategy_cls = get_strategy_config_class(name)
+        strategy_cls = strategy_schema(name)
     except KeyError as err:
         raise ConfigError(f"strategy.name: {err.args[0]}") from err
 

@@ -7,22 +7,15 @@ passed explicitly: hooks receive the model and the task and return what they pro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar, Dict, Iterable, List, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
 
 from continual.config import StrategyConfig
+from streams.data import TaskInfo  # re-exported: strategies see a stream's tasks through this interface
 
-
-@dataclass(frozen=True)
-class TaskInfo:
-    """One task of a stream as the learner and strategies see it."""
-
-    index: int  # position in the stream (also the Avalanche task label)
-    name: str
-    labels: tuple  # label strings, in labels.json order
+__all__ = ["BaseStrategy", "ExpansionStrategy", "TaskInfo", "backbone_and_head", "count"]
 
 
 @runtime_checkable
@@ -33,7 +26,7 @@ class ExpansionStrategy(Protocol):
     Config: ClassVar[type]
     # Train once on all tasks together (the multi-task upper bound) instead of one task after another.
     trains_jointly: ClassVar[bool]
-    # What the runner loads as the backbone: "encoder" (AutoModel) or "causal_lm" (AutoModelForCausalLM + LM head).
+    # What the run recipe loads as the backbone: "encoder" (AutoModel) or "causal_lm" (AutoModelForCausalLM + LM head).
     backbone_kind: ClassVar[str]
 
     def build_model(self, backbone: nn.Module, tokenizer, stream, backbone_cfg) -> Optional[nn.Module]:
@@ -131,32 +124,6 @@ class BaseStrategy:
 
     def stored_parameters(self, model: nn.Module, tasks_so_far: Sequence[TaskInfo]) -> int:
         return count(model.parameters())
-
-
-def set_trainable(model: nn.Module, params: Iterable[nn.Parameter]) -> List[nn.Parameter]:
-    """Make exactly ``params`` trainable in ``model`` (requires_grad), everything else frozen.
-
-    Returns the de-duplicated list, in model order, ready for an optimizer.
-    """
-    wanted = {id(p) for p in params}
-    out: List[nn.Parameter] = []
-    seen: set = set()
-    for p in model.parameters():
-        train = id(p) in wanted
-        p.requires_grad_(train)
-        if train and id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    if len(seen) != len(wanted):
-        raise ValueError("trainable_parameters returned parameters that are not part of the model")
-    return out
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
 
 
 def backbone_and_head(model: nn.Module, task: TaskInfo) -> List[nn.Parameter]:

@@ -18,19 +18,10 @@ from avalanche.training.plugins import EvaluationPlugin, SupervisedPlugin
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
-from continual.expansion import ExpansionStrategy, TaskInfo, set_trainable
+from continual.expansion import ExpansionStrategy, TaskInfo
+from continual.training import NonFiniteLossError, check_finite_loss, set_trainable
 
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss; what was trained and logged before it is kept."""
-
-    def __init__(self, task: TaskInfo, epoch: int, iteration: int, value: float):
-        self.task, self.epoch, self.iteration, self.value = task, epoch, iteration, value
-        super().__init__(
-            f"loss became {value} on task {task.index} ({task.name!r}), epoch {epoch}, iteration {iteration}: "
-            "training of this task was stopped. Lower training.lr or enable training.max_grad_norm; earlier tasks' "
-            "results are kept in the run."
-        )
+__all__ = ["ContinualLearner", "NonFiniteLossError", "build_optimizer"]  # NonFiniteLossError: what train() raises
 
 
 _ACC_KEY = re.compile(r"^Top1_Acc_Exp/eval_phase/[^/]+/Task(\d+)/Exp(\d+)$")
@@ -85,7 +76,7 @@ class ContinualLearner(SupervisedTemplate):
         self._bar = None
         self._loss_sum, self._loss_count = 0.0, 0
         self.last_epoch_loss = math.nan
-        with warnings.catch_warnings():  # "no loggers": on purpose, results go to MLflow through the runner
+        with warnings.catch_warnings():  # "no loggers": on purpose, results go to MLflow through the run recipe
             warnings.simplefilter("ignore", UserWarning)
             evaluator = EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
         # Avalanche wants an optimizer up front; the real one is made per task in make_optimizer.
@@ -148,9 +139,13 @@ class ContinualLearner(SupervisedTemplate):
 
     # ------------------------------------------------------------------ one step
     def backward(self):
-        value = float(self.loss.detach())
-        if not math.isfinite(value):
-            raise NonFiniteLossError(self.current_task, self.clock.train_exp_epochs, self.clock.train_epoch_iterations, value)
+        task, clock = self.current_task, self.clock
+        value = check_finite_loss(
+            float(self.loss.detach()),
+            f"on task {task.index} ({task.name!r}), epoch {clock.train_exp_epochs}, iteration {clock.train_epoch_iterations}",
+            "training of this task was stopped. Lower training.lr or enable training.max_grad_norm; earlier tasks' "
+            "results are kept in the run.",
+        )
         self._loss_sum += value
         self._loss_count += 1
         super().backward()

@@ -89,7 +89,10 @@ class DeltaStrategy(BaseStrategy):
         intrinsic_dim: int = 32,
         seed: int = 0,
         joint: bool = False,
+        state_prefix: str = DELTA_PREFIX,
     ):
+        """The options of :class:`DeltaConfig`, plus ``state_prefix``: what :meth:`task_state` keys of the bank's
+        tensors start with (a strategy built on this one, e.g. ``experts``, keeps its own)."""
         kinds, targets = list(kinds), list(targets)
         kind_targets = {k: list(v) for k, v in (kind_targets or {}).items()}
         if not kinds:
@@ -138,6 +141,7 @@ class DeltaStrategy(BaseStrategy):
         }
         # Options a kind not listed above takes by these names (adapters; third-party kinds).
         self.shared_options = {"r": rank, "alpha": alpha, "bottleneck": bottleneck, "seed": seed}
+        self.state_prefix = state_prefix
 
     def options_for(self, kind: str) -> Dict[str, object]:
         """The constructor options ``kind`` gets from this strategy's settings."""
@@ -182,12 +186,13 @@ class DeltaStrategy(BaseStrategy):
         model.bank.freeze_task(task.index)
 
     def task_state(self, model: nn.Module, task: TaskInfo) -> Dict[str, torch.Tensor]:
-        deltas = {DELTA_PREFIX + key: value for key, value in model.bank.task_state(task.index).items()}
+        deltas = {self.state_prefix + key: value for key, value in model.bank.task_state(task.index).items()}
         return {**deltas, **_head_state(model, task)}
 
     def load_task_state(self, model: nn.Module, task: TaskInfo, state: Dict[str, torch.Tensor]) -> None:
-        deltas = {k[len(DELTA_PREFIX):]: v for k, v in state.items() if k.startswith(DELTA_PREFIX)}
-        heads = {k: v for k, v in state.items() if not k.startswith(DELTA_PREFIX)}
+        prefix = self.state_prefix
+        deltas = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        heads = {k: v for k, v in state.items() if not k.startswith(prefix)}
         unexpected = sorted(set(heads) - set(_head_state(model, task)))
         if unexpected:
             raise KeyError(f"checkpoint for task {task.name!r} has unexpected tensors: {unexpected[:5]}")

@@ -7,11 +7,14 @@ and their router rows are appended at every expert site and switched on; they an
 task loss plus the load-concentration loss over the routing, then they are frozen. Routing is token-level top-k over
 all experts of all tasks (no task id needed at test time), or task-conditioned (a token sees its task's experts and
 the shared ones): the module bank's ``simultaneous`` or ``isolated`` composition.
+
+This is the ``delta`` strategy with the ``experts`` kind (composition, not a second implementation: allocation,
+freezing, task state and parameter accounting are its own), plus upcycling the backbone, switching each task's
+experts on and the routing losses.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
@@ -19,11 +22,21 @@ import torch
 from torch import nn
 
 from continual.config import StrategyConfig
-from continual.expansion import BaseStrategy, TaskInfo, count
+from continual.expansion import BaseStrategy, TaskInfo
 from continual.modules import ModuleBank
-from continual.modules.experts import GATES, UPCYCLING, expert_deltas, routing_losses, upcycle
+from continual.modules.experts import (
+    ExpertOptions,
+    ExpertsDelta,
+    expert_deltas,
+    routing_losses,
+    set_slot_enabled,
+    upcycle,
+)
+from strategies.delta import DeltaStrategy
 
 EXPERT_PREFIX = "experts."  # task_state keys of expert tensors; head tensors keep their model state_dict names
+# ExpertOptions field -> this strategy's option name, where they differ.
+OPTION_NAMES = {"n": "experts_per_task", "k": "top_k"}
 
 
 @dataclass
@@ -88,66 +101,44 @@ class ExpertStrategy(BaseStrategy):
         targets: Sequence[str] = (),
         dispatch: str = "auto",
     ):
-        for key, value, low in [
-            ("experts_per_task", experts_per_task, 1), ("top_k", top_k, 1), ("expert_hidden", expert_hidden, 0),
-            ("gate_hidden", gate_hidden, 1), ("slices", slices, 2),
-        ]:
-            if value < low:
-                raise ValueError(f"strategy.{key} must be >= {low}, got {value}")
-        from continual.models.moduleformer.experts import ACTIVATIONS, DISPATCH_BACKENDS  # slow import: here only
-
-        for key, value, choices in [
-            ("gate", gate, GATES), ("upcycle", upcycle, UPCYCLING), ("activation", activation, sorted(ACTIVATIONS)),
-            ("dispatch", dispatch, DISPATCH_BACKENDS),
-        ]:
-            if value not in choices:
-                raise ValueError(f"strategy.{key} must be one of {list(choices)}, got {value!r}")
-        shared = 1 if upcycle == "copy" else slices
-        if top_k > shared + experts_per_task:
-            raise ValueError(
-                f"strategy.top_k={top_k} exceeds the {shared} shared + {experts_per_task} per-task experts a "
-                "task-conditioned token can use (raise strategy.experts_per_task or lower strategy.top_k)"
-            )
+        options = ExpertOptions(
+            n=experts_per_task, k=top_k, expert_hidden=expert_hidden, gate=gate, gate_hidden=gate_hidden,
+            upcycle=upcycle, slices=slices, activation=activation, start_logit=start_logit, dispatch=dispatch,
+        )
+        self.options = options.check(where="", keys={f: f"strategy.{OPTION_NAMES.get(f, f)}" for f in options.as_kwargs()})
         for key, value in (("concentration", concentration), ("mutual_information", mutual_information)):
             if value < 0:
                 raise ValueError(f"strategy.{key} must be >= 0, got {value}")
-        targets = list(targets)
-        for target in targets:
-            try:
-                re.compile(target)
-            except re.error as err:
-                raise ValueError(f"strategy.targets: {target!r} is not a valid regex: {err}") from None
-        self.kind_options = {
-            "n": experts_per_task, "k": top_k, "expert_hidden": expert_hidden, "gate": gate,
-            "gate_hidden": gate_hidden, "upcycle": upcycle, "slices": slices, "activation": activation,
-            "start_logit": float(start_logit), "dispatch": dispatch,
-        }
-        self.task_conditioned, self.targets = bool(task_conditioned), targets
+        composition = "isolated" if task_conditioned else "simultaneous"
+        self.deltas = DeltaStrategy(
+            kinds=[ExpertsDelta.kind], composition=composition, targets=targets, state_prefix=EXPERT_PREFIX
+        )
+        self.task_conditioned, self.targets = bool(task_conditioned), list(targets)
         self.concentration, self.mutual_information = float(concentration), float(mutual_information)
 
     def setup(self, model: nn.Module, tasks: Sequence[TaskInfo]) -> None:
+        """Upcycle the backbone: every targeted FFN becomes an expert site of a new bank (outputs unchanged)."""
         super().setup(model, tasks)
         if getattr(model, "bank", None) is not None:
             raise ValueError("the model already has a module bank attached")
-        bank = ModuleBank("isolated" if self.task_conditioned else "simultaneous")
+        bank = ModuleBank(self.deltas.composition)
         try:
-            upcycle(model.backbone, bank, self.targets or None, **self.kind_options)
+            upcycle(model.backbone, bank, self.targets or None, **self.options.as_kwargs())
         except ValueError as err:
             raise ValueError(f"strategy: {err}") from None
         model.backbone.requires_grad_(False)
         model.bank = bank
 
     def before_task(self, model: nn.Module, task: TaskInfo) -> None:
-        model.bank.add_task(task.index)  # switched off: nothing changes until the next line
-        for delta in expert_deltas(model.bank).values():
-            delta.set_slot_enabled(task.index, True)
+        self.deltas.before_task(model, task)  # allocated switched off: nothing changes until the next line
+        set_slot_enabled(model.bank, task.index, True)
 
     def trainable_parameters(self, model: nn.Module, task: TaskInfo) -> List[nn.Parameter]:
         """The task's experts and router rows at every site, and its head."""
-        return model.bank.task_parameters(task.index) + model.heads.parameters_for(task.index)
+        return self.deltas.trainable_parameters(model, task)
 
     def after_task(self, model: nn.Module, task: TaskInfo) -> None:
-        model.bank.freeze_task(task.index)
+        self.deltas.after_task(model, task)
 
     def auxiliary_loss(self, model: nn.Module, task: TaskInfo) -> Optional[torch.Tensor]:
         """Routing losses of the forward just run, averaged over the expert sites that routed tokens."""
@@ -165,29 +156,12 @@ class ExpertStrategy(BaseStrategy):
         return loss
 
     def task_state(self, model: nn.Module, task: TaskInfo) -> Dict[str, torch.Tensor]:
-        experts = {EXPERT_PREFIX + key: value for key, value in model.bank.task_state(task.index).items()}
-        return {**experts, **_head_state(model, task)}
+        return self.deltas.task_state(model, task)
 
     def load_task_state(self, model: nn.Module, task: TaskInfo, state: Dict[str, torch.Tensor]) -> None:
-        experts = {k[len(EXPERT_PREFIX):]: v for k, v in state.items() if k.startswith(EXPERT_PREFIX)}
-        heads = {k: v for k, v in state.items() if not k.startswith(EXPERT_PREFIX)}
-        unexpected = sorted(set(heads) - set(_head_state(model, task)))
-        if unexpected:
-            raise KeyError(f"checkpoint for task {task.name!r} has unexpected tensors: {unexpected[:5]}")
-        model.bank.load_task_state(task.index, experts)
-        for delta in expert_deltas(model.bank).values():
-            delta.set_slot_enabled(task.index, True)
-        model.load_state_dict(heads, strict=False)
+        self.deltas.load_task_state(model, task, state)
+        set_slot_enabled(model.bank, task.index, True)
 
     def stored_parameters(self, model: nn.Module, tasks_so_far: Sequence[TaskInfo]) -> int:
         """The frozen upcycled backbone (with the shared router rows), every task's experts and heads so far."""
-        backbone = count(model.backbone.parameters()) - model.bank.parameter_count()
-        experts = sum(model.bank.parameter_count(t.index) for t in tasks_so_far if t.index < model.bank.n_tasks)
-        heads = {id(p): p for task in tasks_so_far for p in model.heads.parameters_for(task.index)}
-        return backbone + experts + count(heads.values())
-
-
-def _head_state(model: nn.Module, task: TaskInfo) -> Dict[str, torch.Tensor]:
-    """The tensors of the head serving ``task``, under their model state_dict names."""
-    wanted = {id(p) for p in model.heads.parameters_for(task.index)}
-    return {f"heads.{name}": p.detach() for name, p in model.heads.named_parameters() if id(p) in wanted}
+        return self.deltas.stored_parameters(model, tasks_so_far)

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional
 
-from continual.expansion import TaskInfo
 from streams.cl_benchmark import data_root_from, load_cl_task
-from streams.data import TaskData
+from streams.data import TaskData, TaskInfo
 from streams.errors import StreamError, TaskNotFoundError
 from streams.huggingface import hf_ids_for, is_hf_task, load_hf_task
 from streams.orders import resolve_order, resolve_task_names

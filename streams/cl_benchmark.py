@@ -105,7 +105,7 @@ def find_task_dir(root: Path, name: str) -> Path:
     return candidates[0]
 
 
-def _read_json_items(path: Path) -> List[Any]:
+def read_json_items(path: Path) -> List[Any]:
     """The items of a JSON array file, or of a JSON Lines file."""
     if not path.is_file():
         raise StreamError(f"{path}: file not found; every task folder needs labels.json, train.json and the eval split")
@@ -141,7 +141,7 @@ def _read_json_lines(path: Path, text: str) -> List[Any]:
 
 def read_labels(path: Path) -> Tuple[str, ...]:
     """The label strings of ``labels.json``."""
-    labels = _read_json_items(path)
+    labels = read_json_items(path)
     if not isinstance(labels, list) or not labels:
         raise StreamError(f"{path}: must be a non-empty JSON list of label strings, e.g. [\"negative\", \"positive\"]")
     bad = [x for x in labels if not isinstance(x, str)]
@@ -159,7 +159,7 @@ def read_split(path: Path, labels: Tuple[str, ...], skip_unknown_labels: bool = 
     Raises:
         StreamError: a malformed file or row, or labels not in ``labels`` unless ``skip_unknown_labels``.
     """
-    items = _read_json_items(path)
+    items = read_json_items(path)
     if not isinstance(items, list):
         raise StreamError(
             f"{path}: must be a JSON array of {{\"label\", \"sentence\"}} objects, got {type(items).__name__}"
@@ -203,7 +203,9 @@ def read_split(path: Path, labels: Tuple[str, ...], skip_unknown_labels: bool = 
     return TaskSplit(texts, ids), skipped
 
 
-def _split_file(task_dir: Path, split: str) -> Path:
+def split_file(task_dir: Path, split: str) -> Path:
+    """The file of one split in a task folder: ``<split>.json``, else ``<split>.jsonl``; the ``.json`` path when
+    neither exists (reading it then reports the missing file)."""
     for suffix in (".json", ".jsonl"):
         path = task_dir / f"{split}{suffix}"
         if path.is_file():
@@ -229,7 +231,7 @@ def load_cl_task(root: Path, name: str, eval_split: str = "test", skip_unknown_l
     skipped: Dict[str, int] = {}
     splits = {}
     for split in ("train", eval_split):
-        path = _split_file(task_dir, split)
+        path = split_file(task_dir, split)
         splits[split], n = read_split(path, labels, skip_unknown_labels)
         if n:
             skipped[str(path)] = n

@@ -1,9 +1,19 @@
-"""Plain containers for a loaded task, before tokenization."""
+"""Plain containers for a task: what the learner and strategies see of it, and its data as loaded, before
+tokenization."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """One task of a stream as the learner and strategies see it."""
+
+    index: int  # position in the stream (also the Avalanche task label)
+    name: str
+    labels: tuple  # label strings, in labels.json order
 
 
 @dataclass

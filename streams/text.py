@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from streams.cl_benchmark import _read_json_items, _split_file, data_root_from, find_task_dir
+from streams.cl_benchmark import data_root_from, find_task_dir, read_json_items, split_file
 from streams.errors import StreamError
 
 
@@ -55,8 +55,8 @@ def read_sentences(root: Path, task: str, splits: Sequence[str] = ("train",)) ->
     task_dir = find_task_dir(Path(root), task)
     out: List[str] = []
     for split in splits:
-        path = _split_file(task_dir, split)
-        items = _read_json_items(path)
+        path = split_file(task_dir, split)
+        items = read_json_items(path)
         if not isinstance(items, list):
             raise StreamError(f"{path}: must be a JSON array of {{\"label\", \"sentence\"}} objects")
         for row, item in enumerate(items):

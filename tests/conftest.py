@@ -47,7 +47,7 @@ def tiny_backbone() -> dict:
 @pytest.fixture
 def tiny_experiment(tmp_path, cl_root, monkeypatch):
     """A factory of validated configs for a tiny 2-task run writing only under tmp_path."""
-    from continual.config import load_config
+    from continual.recipes.run import load_config
 
     monkeypatch.chdir(tmp_path)
 

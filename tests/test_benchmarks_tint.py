@@ -14,7 +14,7 @@ RESULTS = ROOT / "benchmarks" / "results" / "tint_smollm2_h100"
 
 
 def _merge(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tint_fewshot.py"), "--merge", *args],
+    return subprocess.run([sys.executable, "-m", "benchmarks.tint_fewshot", "--merge", *args],
                           capture_output=True, text=True, cwd=ROOT)
 
 

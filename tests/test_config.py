@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from continual.config import ConfigError, load_config
+from continual.config import ConfigError
+from continual.recipes.run import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
@@ -19,11 +20,11 @@ def _loader(command: str):
     if command == "run":
         return load_config
     if command == "lm":
-        from continual.lm import load_lm_config
+        from continual.recipes.lm import load_lm_config
 
         return load_lm_config
     if command == "uptrain":
-        from continual.uptrain import load_uptrain_config
+        from continual.recipes.uptrain import load_uptrain_config
 
         return load_uptrain_config
     raise AssertionError(f"no command `continual {command}` takes a preset")

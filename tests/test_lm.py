@@ -14,20 +14,18 @@ import torch
 from omegaconf import OmegaConf
 
 from continual.config import ConfigError
-from continual.lm import (
+from continual.recipes.lm import (
     ExpandableLM,
     build_lm,
     load_lm_config,
     load_tokenizer,
-    lr_factor,
-    next_token_loss,
-    perplexity,
     perplexity_forgetting,
     plasticity,
     run_continual_lm,
     set_expert_group_enabled,
     weights_checksum,
 )
+from continual.training import lr_factor, next_token_loss, perplexity
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted((REPO / "configs" / "lm").glob("*.yaml"))
@@ -307,7 +305,7 @@ def heldout_blocks(cl_root, tokenizer):
 
 
 def test_upcycling_changes_no_output_until_a_group_is_switched_on(tmp_path, cl_root, dense_lm):
-    from continual.lm import upcycled_lm
+    from continual.recipes.lm import upcycled_lm
 
     cfg = upcycled_config(tmp_path, cl_root, dense_lm)
     lm, _ = build_lm(cfg.model)
@@ -372,8 +370,8 @@ def test_experts_mode_upcycles_a_dense_lm_and_trains_only_the_new_group(tmp_path
 
 
 def test_the_routing_losses_reach_the_objective(tmp_path, cl_root, llama_folder):
-    from continual.lm import training_objective, upcycled_lm
-    from continual.models.moduleformer.losses import load_concentration_loss, mutual_information_loss
+    from continual.recipes.lm import training_objective, upcycled_lm
+    from continual.modules.experts import load_concentration_loss, mutual_information_loss
 
     cfg = upcycled_config(tmp_path, cl_root, llama_folder)
     model = upcycled_lm(build_lm(cfg.model)[0], cfg.expansion)
@@ -425,7 +423,7 @@ def test_training_every_router_of_an_upcycled_lm_moves_only_router_rows(tmp_path
     ],
 )
 def test_an_upcycled_lm_rejects_what_it_cannot_do_naming_the_key(tmp_path, cl_root, llama_folder, overrides, message):
-    from continual.lm import upcycled_lm
+    from continual.recipes.lm import upcycled_lm
 
     cfg = upcycled_config(tmp_path, cl_root, llama_folder, *overrides)
     with pytest.raises(ConfigError, match=message):
@@ -435,7 +433,7 @@ def test_an_upcycled_lm_rejects_what_it_cannot_do_naming_the_key(tmp_path, cl_ro
 def test_experts_mode_on_a_causal_lm_without_an_ffn_fuser_names_the_mode():
     from transformers import OPTConfig, OPTForCausalLM
 
-    from continual.lm import upcycled_lm
+    from continual.recipes.lm import upcycled_lm
 
     opt = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, ffn_dim=32, num_hidden_layers=1,
                                    num_attention_heads=2, word_embed_proj_dim=16, max_position_embeddings=32))

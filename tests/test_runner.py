@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from continual.config import StrategyConfig
 from continual.expansion import BaseStrategy, backbone_and_head
 from continual.learner import NonFiniteLossError
-from continual.runner import run_experiment
+from continual.recipes.run import run_experiment
 from strategies.registry import register_strategy
 
 

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from continual.config import ConfigError
 from continual.models.recursive import convert_to_recursive, load_recursive, recursion_of
-from continual.uptrain import lm_loss_with_loop_exits, load_uptrain_config, run_uptraining
+from continual.recipes.uptrain import lm_loss_with_loop_exits, load_uptrain_config, run_uptraining
 
 TINY_LLAMA = {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 4, "num_attention_heads": 4,
               "num_key_value_heads": 2, "max_position_embeddings": 64}

@@ -129,7 +129,17 @@ def load_config(name: str, overrides: Mapping[str, Any] | None = None, trust_rem
     return source, config
 
 
-def _load_tokenizer(name: str, source: str, trust_remote_code: bool):
+def load_tokenizer(name: str, source: str, trust_remote_code: bool = False):
+    """The tokenizer of a backbone, with a pad token (its EOS token when it has none).
+
+    Args:
+        name: the name the user gave (for error messages).
+        source: where it is read from, as :func:`resolve_backbone` returns for ``name``.
+        trust_remote_code: only when the user asks for it.
+
+    Raises:
+        BackboneError: the tokenizer cannot be found (offline, unknown name) or has neither a pad nor an EOS token.
+    """
     from transformers import AutoTokenizer
 
     try:
@@ -165,7 +175,7 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
 
     source, config = load_config(name, config_overrides, trust_remote_code)
-    tokenizer = _load_tokenizer(name, source, trust_remote_code)
+    tokenizer = load_tokenizer(name, source, trust_remote_code)
     try:
         if random_init:
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -192,7 +202,7 @@ def load_backbone(
     from transformers import AutoModel
 
     source, config = load_config(name, config_overrides, trust_remote_code)
-    tokenizer = _load_tokenizer(name, source, trust_remote_code)
+    tokenizer = load_tokenizer(name, source, trust_remote_code)
     try:
         if random_init:
             model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)

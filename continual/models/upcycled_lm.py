@@ -7,9 +7,10 @@ an ``experts`` site of a :class:`~continual.modules.ModuleBank` (:func:`continua
 shared expert is the FFN itself, so outputs are unchanged at conversion. :class:`UpcycledExpertsLM` shows that bank
 as the ``ExpandableLM`` interface of ``continual.lm``:
 
-- expert **group** ``g >= 1`` is the bank's task **slot** ``g - 1`` at every site (``n`` experts and their router
-  rows); group 0 is the shared FFN expert(s), i.e. the pool's group 0 (router rows only, frozen);
-- :meth:`~UpcycledExpertsLM.expert_layers` returns each site's :class:`~continual.models.moduleformer.experts.ExpertPool`,
+- an expert **group** of the interface is a group of each site's pool: the bank's task **slot** ``t`` is group
+  :func:`~continual.modules.experts.group_of_slot` ``(t)`` at every site (``n`` experts and their router rows), and
+  group :data:`~continual.modules.experts.SHARED_GROUP` is the shared FFN expert(s) (router rows only, frozen);
+- :meth:`~UpcycledExpertsLM.expert_layers` returns each site's :class:`~continual.modules.experts.ExpertPool`,
   so usage counting, group slices and router rows read exactly as for a native ModuleFormer;
 - routing is the bank's ``simultaneous`` composition: every token chooses its top-k over the shared experts and the
   switched-on experts of every group, with no domain id (the same question a native ModuleFormer answers).
@@ -17,17 +18,23 @@ as the ``ExpandableLM`` interface of ``continual.lm``:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import nn
 
 from continual.modules.bank import ModuleBank
-from continual.modules.experts import ExpertsDelta, expert_deltas, routing_losses
+from continual.modules.experts import (
+    SHARED_GROUP,
+    ExpertPool,
+    ExpertsDelta,
+    expert_deltas,
+    group_of_slot,
+    routing_losses,
+    set_slot_enabled,
+    slot_of_group,
+)
 from continual.modules.experts import upcycle as upcycle_ffns  # the constructor's `upcycle` argument shadows the name
-
-if TYPE_CHECKING:  # pragma: no cover
-    from continual.models.moduleformer.experts import ExpertPool
 
 
 class UpcycledExpertsLM(nn.Module):
@@ -71,7 +78,7 @@ class UpcycledExpertsLM(nn.Module):
         return {f"lm.{site}.delta.pool": delta for site, delta in expert_deltas(self.bank).items()}
 
     # ------------------------------------------------------------------ ExpandableLM
-    def expert_layers(self) -> Dict[str, "ExpertPool"]:
+    def expert_layers(self) -> Dict[str, ExpertPool]:
         """Every expert site's pool by module name (as in ``named_modules``), in model order."""
         return {name: delta.pool for name, delta in self._deltas().items()}
 
@@ -96,12 +103,12 @@ class UpcycledExpertsLM(nn.Module):
         slot = self.bank.n_tasks
         self.bank.add_task(slot)  # switched off: no output changes yet
         if enabled:
-            self.set_expert_group_enabled(slot + 1, True)
-        return slot + 1
+            set_slot_enabled(self.bank, slot, True)
+        return group_of_slot(slot)
 
     def expert_group_parameters(self, group: int) -> Dict[str, nn.Parameter]:
-        """One group's parameters at every site by ``named_parameters`` name (group 0: the shared router rows and
-        the "mlp" router's hidden layer; group ``g >= 1``: ``bank.task_parameters(g - 1)``)."""
+        """One group's parameters at every site by ``named_parameters`` name (the shared group: the shared router rows
+        and the "mlp" router's hidden layer; a slot's group: ``bank.task_parameters(slot_of_group(group))``)."""
         return {
             f"{name}.{key}": param
             for name, pool in self.expert_layers().items()
@@ -110,12 +117,11 @@ class UpcycledExpertsLM(nn.Module):
 
     # ------------------------------------------------------------------ switching and usage
     def set_expert_group_enabled(self, group: int, enabled: bool) -> None:
-        """Switch group ``g >= 1`` on or off at every site. Unlike a native pool, fewer than ``k`` experts may stay
+        """Switch a slot's group on or off at every site. Unlike a native pool, fewer than ``k`` experts may stay
         on: a token that cannot choose ``k`` gets the dense FFN exactly."""
-        if group == 0:
-            raise ValueError("group 0 is the dense FFN itself and is always on")
-        for delta in expert_deltas(self.bank).values():
-            delta.set_slot_enabled(group - 1, enabled)
+        if group == SHARED_GROUP:
+            raise ValueError(f"group {SHARED_GROUP} is the dense FFN itself and is always on")
+        set_slot_enabled(self.bank, slot_of_group(group), enabled)
 
     def record_expert_usage(self, on: bool = True) -> None:
         """Start (or stop) counting expert selections at every site."""

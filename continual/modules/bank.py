@@ -29,23 +29,9 @@ import torch
 from torch import nn
 
 from continual.modules.deltas import get_delta_kind
+from continual.modules.families import MODEL_TYPES, model_type_of
 
 COMPOSITIONS = ("isolated", "sequential", "simultaneous")
-
-# Hugging Face ``config.model_type`` -> the family whose module names the kinds' default targets are written for.
-FAMILIES: Dict[str, str] = {
-    "bert": "bert",
-    "roberta": "bert",
-    "xlm-roberta": "bert",
-    "electra": "bert",
-    "gpt2": "gpt2",
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "llama",
-    "t5": "t5",
-    "mt5": "t5",
-}
-
 
 # ---------------------------------------------------------------------------------------------------- routing
 def routing_weights(task_ids: torch.Tensor, trained_tasks: Iterable[int], n_slots: int, mode: str) -> torch.Tensor:
@@ -180,18 +166,19 @@ class Routing:
 
 
 # ---------------------------------------------------------------------------------------------------- sites
-def _linear_dims(module: nn.Module) -> Tuple[int, int, torch.Tensor]:
+def linear_dims(module: nn.Module) -> Tuple[int, int, torch.Tensor]:
     """(in_features, out_features, weight) of an nn.Linear, a GPT-2 Conv1D or a site wrapping either."""
     if isinstance(module, TaskModuleSite):
         return module.in_features, module.out_features, module.weight
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features, module.weight
-    if _is_conv1d(module):  # GPT-2's transposed linear: weight [in, out]
+    if is_conv1d(module):  # GPT-2's transposed linear: weight [in, out]
         return module.weight.shape[0], module.weight.shape[1], module.weight
     raise TypeError(f"{type(module).__name__} is not a linear layer")
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is GPT-2's ``Conv1D``: a linear that stores its weight transposed, ``[in, out]``."""
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # transformers is optional for the bank itself
@@ -200,7 +187,7 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, TaskModuleSite)) or _is_conv1d(module)
+    return isinstance(module, (nn.Linear, TaskModuleSite)) or is_conv1d(module)
 
 
 def _site_dims(base: nn.Module, delta: nn.Module) -> Tuple[int, int]:
@@ -208,7 +195,7 @@ def _site_dims(base: nn.Module, delta: nn.Module) -> Tuple[int, int]:
     if isinstance(base, nn.Embedding):
         return base.num_embeddings, base.embedding_dim
     if _is_linear(base):
-        return _linear_dims(base)[:2]
+        return linear_dims(base)[:2]
     return int(getattr(delta, "in_features", 0)), int(getattr(delta, "out_features", 0))
 
 
@@ -315,14 +302,15 @@ class TaskModuleSite(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------- bank
 def architecture_family(model: nn.Module) -> str:
-    """The family (bert, gpt2, llama, t5) whose default targets apply to a Hugging Face model."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in FAMILIES:
+    """The family (bert, gpt2, llama, t5; :mod:`continual.modules.families`) whose default targets apply to a Hugging
+    Face model."""
+    model_type = model_type_of(model)
+    if model_type not in MODEL_TYPES:
         raise ValueError(
-            f"no default delta targets for model_type {model_type!r} (known: {', '.join(sorted(FAMILIES))}); "
+            f"no default delta targets for model_type {model_type!r} (known: {', '.join(sorted(MODEL_TYPES))}); "
             "pass targets=[regex, ...] naming the linear layers to adapt"
         )
-    return FAMILIES[model_type]
+    return MODEL_TYPES[model_type]
 
 
 class ModuleBank:
@@ -414,7 +402,7 @@ class ModuleBank:
             if "seed" in cls.options:  # kinds with fixed random tensors: a distinct, reproducible seed per site
                 options["seed"] = int(kind_options.get("seed", 0)) * 1_000_003 + index
             if wraps == "linear":
-                in_features, out_features, _ = _linear_dims(base)
+                in_features, out_features, _ = linear_dims(base)
                 delta = cls(in_features, out_features, **options)
             else:
                 delta = cls.from_base(base, **options)

@@ -40,7 +40,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from continual.modules.bank import ModuleBank, TaskModuleSite
+from continual.modules.bank import ModuleBank, TaskModuleSite, is_conv1d
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -117,14 +117,6 @@ def _innermost(site: TaskModuleSite) -> nn.Module:
     while isinstance(base, TaskModuleSite):
         base = base.base
     return base
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return False
-    return isinstance(module, Conv1D)
 
 
 def _split_kinds(bank: ModuleBank, model: nn.Module) -> Tuple[Dict[str, TaskModuleSite], Dict[str, str]]:
@@ -253,7 +245,7 @@ def export_peft_lora(
             target_modules=targets,
             rank_pattern={name: v for name, v in ranks.items() if v != r},
             alpha_pattern={name: v for name, v in alphas.items() if v != alpha},
-            fan_in_fan_out=all(_is_conv1d(b) for b in bases),
+            fan_in_fan_out=all(is_conv1d(b) for b in bases),
             bias="none",
             task_type="FEATURE_EXTRACTION",
             base_model_name_or_path=base_model_name_or_path,

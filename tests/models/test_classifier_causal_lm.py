@@ -54,7 +54,7 @@ def test_last_token_pooling_reads_the_last_real_token_whatever_the_padding(llama
 @pytest.mark.slow
 def test_a_causal_lm_classifies_through_the_pipeline(tiny_experiment, llama_folder):
     """Shared head here; the per-task head goes through the same encoder (above)."""
-    from continual.runner import run_experiment
+    from continual.recipes.run import run_experiment
 
     cfg = tiny_experiment(f"backbone.name={llama_folder}", "backbone.pooling=last", "backbone.head=shared",
                           "training.eval_before_training=false", "tracking.enabled=false")

@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from continual.expansion import TaskInfo, set_trainable
+from continual.expansion import TaskInfo
 from continual.models.classifier import ContinualClassifier
 from continual.modules import DELTA_KINDS, ModuleBank, TaskModuleSite, routing_weights
 from continual.modules.deltas.mixing import ACTIVATIONS
+from continual.training import set_trainable
 from strategies.delta import DeltaStrategy
 from strategies.registry import register_strategy
 
@@ -400,7 +401,7 @@ def test_routing_weights_reject_an_unknown_mode():
 @pytest.mark.slow
 def test_delta_run_keeps_the_backbone_bit_identical(tiny_experiment, tmp_path, monkeypatch):
     from continual.checkpoint import load_task_state
-    from continual.runner import run_experiment
+    from continual.recipes.run import run_experiment
 
     register_strategy(DeltaStrategy)
     seen = {}

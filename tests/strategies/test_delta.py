@@ -77,7 +77,7 @@ def test_a_kind_that_matches_nothing_names_the_kind(bert):
 @pytest.mark.slow
 def test_sequential_within_task_trains_one_kind_per_stage(tiny_experiment, monkeypatch):
     """bitfit trains in stage 0 and is then frozen; lora trains in stage 1 only (its B stays 0 during stage 0)."""
-    from continual.runner import run_experiment
+    from continual.recipes.run import run_experiment
 
     snapshots = {}
     original_after_stage = DeltaStrategy.after_stage
@@ -113,7 +113,7 @@ def test_sequential_within_task_trains_one_kind_per_stage(tiny_experiment, monke
 
 @pytest.mark.slow
 def test_joint_delta_training_trains_every_tasks_deltas_on_mixed_batches(tiny_experiment, monkeypatch):
-    from continual.runner import run_experiment
+    from continual.recipes.run import run_experiment
 
     seen = {}
     original_setup = DeltaStrategy.setup

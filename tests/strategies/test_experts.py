@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from continual.expansion import TaskInfo, set_trainable
+from continual.expansion import TaskInfo
 from continual.models.classifier import ContinualClassifier
 from continual.modules.experts import expert_deltas
+from continual.training import set_trainable
 from strategies.experts import ExpertStrategy
 
 LABELS = [("neg", "pos"), ("a", "b", "c", "d")]
@@ -140,7 +141,7 @@ def test_training_a_later_task_leaves_earlier_experts_and_the_backbone_bit_ident
 
 
 def test_concentration_loss_is_the_mean_marginal_entropy_over_sites_of_real_tokens(bert):
-    from continual.models.moduleformer.losses import load_concentration_loss, routing_entropies
+    from continual.modules.experts import load_concentration_loss, routing_entropies
 
     model, strategy = setup(bert, concentration=0.5, mutual_information=0.25)
     strategy.before_task(model, TASKS[0])
@@ -203,7 +204,7 @@ def test_task_state_round_trips_through_checkpoints(bert, tmp_path, mode):
 @pytest.mark.slow
 def test_experts_run_end_to_end_keeps_the_backbone_bit_identical(tiny_experiment, tmp_path, monkeypatch):
     from continual.checkpoint import load_task_state
-    from continual.runner import run_experiment
+    from continual.recipes.run import run_experiment
 
     seen = {"aux": 0}
     original_setup, original_aux = ExpertStrategy.setup, ExpertStrategy.auxiliary_loss
@@ -236,3 +237,14 @@ def test_experts_run_end_to_end_keeps_the_backbone_bit_identical(tiny_experiment
     state, entry = load_task_state(tmp_path / "ckpt", "SST-2")
     assert all(k.startswith("experts.") or k.startswith("heads.heads.0.") for k in state)
     assert entry["strategy"] == "experts"
+
+
+def test_the_strategys_option_defaults_are_the_expert_kinds():
+    from dataclasses import fields
+
+    from continual.modules.experts import ExpertOptions
+    from strategies.experts import OPTION_NAMES, ExpertConfig
+
+    config = ExpertConfig()
+    for option in fields(ExpertOptions):
+        assert getattr(config, OPTION_NAMES.get(option.name, option.name)) == option.default, option.name

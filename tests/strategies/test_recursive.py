@@ -9,10 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from continual.config import ConfigError, load_config
-from continual.expansion import TaskInfo, set_trainable
+from continual.config import ConfigError
+from continual.expansion import TaskInfo
 from continual.models.classifier import ContinualClassifier
 from continual.models.recursive import RelaxedLinear, convert_to_recursive, save_recursive
+from continual.recipes.run import load_config
+from continual.training import set_trainable
 from strategies.delta import DeltaStrategy
 from strategies.registry import build_strategy, get_strategy_class
 from strategies.recursive import RecursiveStrategy
@@ -172,7 +174,7 @@ def test_config_errors_name_the_key(tmp_path):
 def test_end_to_end_run_on_real_data(tiny_experiment, tmp_path):
     """Tiny 2-layer BERT from the shared fixture: R = 2 leaves one shared block looped twice."""
     from continual.checkpoint import load_task_state
-    from continual.runner import run_experiment
+    from continual.recipes.run import run_experiment
 
     cfg = tiny_experiment(
         "strategy.name=recursive", "strategy.recursion.init=average", "strategy.rank=4",

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 @pytest.fixture
 def tint_experiment(tmp_path, cl_root, monkeypatch):
-    from continual.config import load_config
+    from continual.recipes.run import load_config
 
     monkeypatch.chdir(tmp_path)
     folder = _tiny_gpt2_folder(tmp_path / "tiny-gpt2", cl_root)
@@ -61,7 +61,7 @@ def tint_experiment(tmp_path, cl_root, monkeypatch):
 def test_tint_fills_the_accuracy_matrix_with_zero_stored_parameters(tint_experiment, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from continual.runner import run_experiment
+    from continual.recipes.run import run_experiment
     from strategies.tint import TinT
 
     arrived = []
@@ -87,7 +87,8 @@ def test_tint_fills_the_accuracy_matrix_with_zero_stored_parameters(tint_experim
 
 
 def test_tint_options_are_validated():
-    from continual.config import ConfigError, load_config
+    from continual.config import ConfigError
+    from continual.recipes.run import load_config
     from strategies.registry import build_strategy
 
     with pytest.raises(ConfigError, match="strategy.shots"):
@@ -102,7 +103,7 @@ def test_tint_options_are_validated():
 
 @pytest.mark.slow
 def test_label_words_for_a_task_outside_the_stream_fail_before_evaluation(tint_experiment):
-    from continual.runner import run_experiment
+    from continual.recipes.run import run_experiment
 
     cfg = tint_experiment("strategy.label_words={yelp: {positive: good}}")
     with pytest.raises(ValueError, match=r"strategy.label_words: \['yelp'\] are not tasks of this stream"):
@@ -111,7 +112,7 @@ def test_label_words_for_a_task_outside_the_stream_fail_before_evaluation(tint_e
 
 @pytest.mark.slow
 def test_more_layers_than_the_model_has_fail_before_evaluation(tint_experiment):
-    from continual.runner import run_experiment
+    from continual.recipes.run import run_experiment
 
     with pytest.raises(ValueError, match=r"strategy.layers: layers=3: the model has 2 blocks"):
         run_experiment(tint_experiment("strategy.layers=3"), echo=lambda *_: None)
@@ -123,7 +124,7 @@ def test_tint_runs_on_a_native_moduleformer_folder(tint_experiment, tmp_path):
     from transformers import AutoTokenizer
 
     from continual.models.moduleformer import ModuleFormerConfig, ModuleFormerForCausalLM
-    from continual.runner import run_experiment
+    from continual.recipes.run import run_experiment
 
     folder = tmp_path / "tiny-moduleformer"
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tiny-gpt2")  # written by the fixture

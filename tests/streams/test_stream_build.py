@@ -5,7 +5,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from continual.config import StreamConfig
-from continual.expansion import TaskInfo
+from streams.data import TaskInfo
 from streams import build as build_module
 from streams.build import Stream, build_stream
 from streams.data import TaskData, TaskSplit

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from continual.models.moduleformer.experts import ExpertPool, expand_sample_mask, sort_by_expert
+from continual.modules.experts import Dispatch, ExpertPool, expand_sample_mask
 
 
 def stick_breaking_weights(
@@ -97,7 +97,7 @@ class MixtureOfAttentionHeads(ExpertPool):
         gate_hidden: hidden width of the MLP router; 0 for a linear router.
         attend_current: stick-breaking also attends to the token itself.
         dropout: dropout on the attention weights.
-        dispatch: "auto", "loop" or "grouped" (see ``experts.DISPATCH_BACKENDS``).
+        dispatch: "auto", "loop" or "grouped" (see ``continual.modules.experts.DISPATCH_BACKENDS``).
         init_std: optional initial standard deviations for "w_q", "w_o", "router".
     """
 
@@ -147,12 +147,11 @@ class MixtureOfAttentionHeads(ExpertPool):
         K, H, hd = self.k, self.n_head, self.head_dim
         flat = x.reshape(B * T, d)
         routing = self.route(flat, expand_sample_mask(expert_mask, (B, T)), attention_mask)
-        order, counts = sort_by_expert(routing.indices, self.n_experts)
-        token_of = torch.div(order, K, rounding_mode="floor")
+        plan = Dispatch.of(routing.indices, self.n_experts)
 
-        q_sorted = self.expert_matmul("w_q", flat.index_select(0, token_of), counts)  # [N*K, H*hd]
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(order.numel(), device=order.device)
+        q_sorted = self.expert_matmul("w_q", plan.gather(flat), plan.counts)  # [N*K, H*hd]
+        inverse = torch.empty_like(plan.order)
+        inverse[plan.order] = torch.arange(plan.order.numel(), device=plan.order.device)
         q = q_sorted.index_select(0, inverse).view(B, T, K, H, hd).permute(0, 2, 3, 1, 4)  # [B, K, H, T, hd]
         keys = self.k_proj(x).view(B, T, H, hd).transpose(1, 2).unsqueeze(1)  # [B, 1, H, T, hd]
         values = self.v_proj(x).view(B, T, H, hd).transpose(1, 2).unsqueeze(1)
@@ -161,7 +160,6 @@ class MixtureOfAttentionHeads(ExpertPool):
             weights = weights.detach()
         out = torch.matmul(self.attn_dropout(weights).to(values.dtype), values)  # [B, K, H, T, hd]
 
-        out = out.permute(0, 3, 1, 2, 4).reshape(B * T * K, H * hd)  # row token * K + slot, like indices.flatten()
-        y_sorted = self.expert_matmul("w_o", out.index_select(0, order), counts)
-        y_sorted = y_sorted * routing.gates.reshape(-1).index_select(0, order).to(y_sorted.dtype)[:, None]
-        return flat.new_zeros(flat.shape).index_add(0, token_of, y_sorted).reshape(B, T, d)
+        out = out.permute(0, 3, 1, 2, 4).reshape(B * T * K, H * hd)  # row token * K + choice, like indices.flatten()
+        y_sorted = self.expert_matmul("w_o", out.index_select(0, plan.order), plan.counts)
+        return plan.combine(y_sorted, routing.gates, B * T).reshape(B, T, d)

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 
 from transformers import PretrainedConfig
 
-from continual.models.moduleformer.experts import ACTIVATIONS, DISPATCH_BACKENDS
+from continual.modules.experts import ACTIVATIONS, DISPATCH_BACKENDS
 
 # Named sizes: overrides of the defaults (which are "small"). Set vocab_size to the tokenizer's.
 SIZES: Dict[str, Dict[str, Any]] = {
@@ -67,7 +67,7 @@ class ModuleFormerConfig(PretrainedConfig):
         max_position_embeddings: int = 1024,  # longest sequence meant to be used (no position embeddings exist)
         initializer_range: float = 0.02,  # std of the normal initialisation (residual outputs scaled by 1/sqrt(2L))
         layer_norm_eps: float = 1e-5,  # LayerNorm epsilon
-        expert_dispatch: str = "auto",  # "auto", "loop" or "grouped" (see experts.DISPATCH_BACKENDS)
+        expert_dispatch: str = "auto",  # "auto", "loop" or "grouped" (see continual.modules.experts.DISPATCH_BACKENDS)
         att_expert_groups: Optional[List[List[int]]] = None,  # per layer: sizes of the attention expert groups
         ffn_expert_groups: Optional[List[List[int]]] = None,  # per layer: sizes of the feed-forward expert groups
         **kwargs,

@@ -2,7 +2,7 @@
 Mixture-of-Experts", arXiv 2306.04640), as a Hugging Face ``PreTrainedModel``.
 
 Each block is ``h + MoA(LN(h))`` then ``h + FFN-experts(LN(h))``: a mixture of attention heads with stick-breaking
-attention (no position embeddings) and an :class:`~continual.models.moduleformer.experts.ExpertLayer`. With
+attention (no position embeddings) and an :class:`~continual.modules.experts.ExpertLayer`. With
 ``labels`` the loss is the shifted next-token cross-entropy plus ``mi_loss_coef`` times the mutual-information loss
 and ``concentration_loss_coef`` times the load concentration loss, both averaged over every router of the model
 (attention and FFN) and over non-pad tokens; the terms are also returned on their own.
@@ -28,8 +28,7 @@ from transformers.utils import ModelOutput
 
 from continual.models.moduleformer.attention import MixtureOfAttentionHeads
 from continual.models.moduleformer.configuration import ModuleFormerConfig
-from continual.models.moduleformer.experts import ExpertGroup, ExpertLayer, ExpertPool, ExpertUsage
-from continual.models.moduleformer.losses import mean_routing_losses
+from continual.modules.experts import ExpertGroup, ExpertLayer, ExpertPool, ExpertUsage, mean_routing_losses
 
 try:  # transformers >= 5: init functions that skip tensors already loaded from a checkpoint
     from transformers import initialization as _init
@@ -142,9 +141,7 @@ class ModuleFormerPreTrainedModel(PreTrainedModel):
     def set_expert_group_enabled(self, group: int, enabled: bool) -> None:
         """Switch one group on or off in every expert layer (off: never selected, outputs as without it)."""
         for layer in self.expert_layers().values():
-            span = layer.group_slice(group)
-            if span.stop > span.start:
-                layer.set_enabled(torch.arange(span.start, span.stop), enabled)
+            layer.set_group_enabled(group, enabled)
 
     def freeze_expert_group(self, group: int) -> None:
         """Stop one group of every expert layer from training (see :meth:`expert_group_parameters`)."""

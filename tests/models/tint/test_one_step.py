@@ -173,7 +173,7 @@ def test_moduleformer_gradient_equals_autograd_with_constant_attention_weights_a
     """ModuleFormer's stop-gradient covers both of its mixing weights: the stick-breaking attention weights and the
     routers' gates. Reference: record both in a plain forward, replay them as constants, back-propagate."""
     import continual.models.moduleformer.attention as mf_attention
-    import continual.models.moduleformer.experts as mf_experts
+    import continual.modules.experts.pool as mf_experts
 
     model = moduleformer
     ids, mask, loss_mask = _batch(model.config.vocab_size)

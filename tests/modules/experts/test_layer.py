@@ -7,9 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from continual.models.moduleformer.experts import ACTIVATIONS, ExpertLayer, expert_matmul, sort_by_expert
+from continual.modules.experts import ACTIVATIONS, ExpertLayer, expert_matmul, sort_by_expert
 
 D, HIDDEN = 16, 24
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def make_layer(n_experts=6, k=2, gate_hidden=8, seed=0, **kw) -> ExpertLayer:

@@ -7,11 +7,13 @@ import math
 import pytest
 import torch
 
-from continual.models.moduleformer.losses import (
+from continual.modules.experts import (
     load_concentration_loss,
     mutual_information_loss,
     routing_entropies,
 )
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def test_uniform_router_has_full_marginal_and_conditional_entropy():

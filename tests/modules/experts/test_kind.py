@@ -414,3 +414,34 @@ def test_upcycling_a_pretrained_model_leaves_its_logits_bit_identical(name):
     assert not torch.equal(switched_on, before)
     if name == "minilm":  # the FFN keeps ~96% of the probability: a small step away from the pretrained model
         torch.testing.assert_close(switched_on, before, atol=0.1, rtol=0.1)
+
+
+# ---------------------------------------------------------------------------------------------------- slots and groups
+def test_a_slot_is_its_group_of_the_pool_through_the_one_mapping(backbones):
+    from continual.modules.experts import SHARED_GROUP, group_of_slot, slot_of_group
+
+    assert [group_of_slot(t) for t in range(3)] == [1, 2, 3] and slot_of_group(SHARED_GROUP) == -1
+    assert all(slot_of_group(group_of_slot(t)) == t for t in range(3))
+    model = classifier(backbones, n_tasks=2, n=3)
+    for delta in expert_deltas(model.bank).values():
+        assert delta.n_slots == 2 and delta.pool.n_groups == group_of_slot(1) + 1
+        for t in range(2):
+            by_name = delta.pool.group_parameters(group_of_slot(t))
+            assert [id(p) for p in delta.slot_parameters(t).values()] == [id(p) for p in by_name.values()]
+        groups = torch.repeat_interleave(torch.arange(delta.pool.n_groups), torch.tensor(delta.pool.group_sizes))
+        assert torch.equal(delta.expert_slots(), slot_of_group(groups))
+        delta.set_slot_enabled(1, False)
+        span = delta.pool.group_slice(group_of_slot(1))
+        assert not bool(delta.pool.enabled_mask()[span].any()) and bool(delta.pool.enabled_mask()[: span.start].all())
+
+
+def test_the_kind_builds_its_pool_through_public_operations_only(backbones):
+    """The shared group holds router rows only, k may exceed the experts on, and a new slot starts at start_logit."""
+    model = classifier(backbones, n_tasks=0, k=3, n=2, start_logit=-2.5)
+    delta = next(iter(expert_deltas(model.bank).values()))
+    pool = delta.pool
+    assert pool.k == 3 and pool.n_experts == 1 and pool.allow_fewer_enabled and pool.router_bias
+    assert set(pool.group_parameters(0)) == {"groups.0.router"} and not pool.groups[0].router.requires_grad
+    model.bank.add_task(0)
+    torch.testing.assert_close(pool.groups[1].router[:, -1], torch.full((2,), -2.5))
+    assert not bool(pool.enabled_mask()[1:].any()), "added switched off"

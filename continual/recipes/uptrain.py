@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -28,6 +27,19 @@ from torch import nn
 
 from continual.config import ConfigError, TrackingConfig, flatten, merge_layers, read_layers, to_yaml
 from continual.models.recursive import RecursionConfig
+from continual.training import (
+    BlockLoss,
+    TextDataConfig,
+    artifacts_on_failure,
+    evaluate_loss,
+    open_run_dir,
+    perplexity,
+    resolve_device,
+    seed_everything,
+    set_trainable,
+    text_blocks,
+    train_on_blocks,
+)
 
 OBJECTIVES = ("lm", "distill")
 MODEL_KINDS = ("causal_lm", "encoder")
@@ -46,20 +58,13 @@ class UptrainModelConfig:
 
 
 @dataclass
-class TextDataConfig:
-    # CL_Benchmark task folders whose sentences form the text stream.
-    tasks: List[str] = field(default_factory=lambda: ["agnews", "dbpedia", "amazon", "yahoo"])
-    # CL_Benchmark root; empty: $CONTINUAL_DATA.
-    data_root: Optional[str] = None
-    # Split files read per task.
-    splits: List[str] = field(default_factory=lambda: ["train"])
+class UptrainDataConfig(TextDataConfig):
+    """How the text is read and cut (the fields of :class:`TextDataConfig`), and which task folders it comes from."""
+
     # Tokens per block.
     block_size: int = 256
-    # Share of sentences held back for evaluation (split before packing).
-    heldout_fraction: float = 0.1
-    # Cap of sentences per task (None: all).
-    max_sentences: Optional[int] = None
-    seed: int = 0
+    # CL_Benchmark task folders whose sentences form the text stream.
+    tasks: List[str] = field(default_factory=lambda: ["agnews", "dbpedia", "amazon", "yahoo"])
 
 
 @dataclass
@@ -90,7 +95,7 @@ class UptrainTrainingConfig:
 class UptrainConfig:
     model: UptrainModelConfig = field(default_factory=UptrainModelConfig)
     recursion: RecursionConfig = field(default_factory=lambda: RecursionConfig(init="average", rank=32))
-    data: TextDataConfig = field(default_factory=TextDataConfig)
+    data: UptrainDataConfig = field(default_factory=UptrainDataConfig)
     training: UptrainTrainingConfig = field(default_factory=UptrainTrainingConfig)
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(experiment="uptrain", output_dir="outputs/uptrain"))
     seed: int = 0
@@ -175,23 +180,29 @@ def lm_loss_with_loop_exits(model: nn.Module, input_ids: torch.Tensor) -> tuple[
     return final, torch.stack(losses).mean()
 
 
-@torch.no_grad()
+def uptraining_loss(teacher: Optional[nn.Module] = None, loop_loss_weight: float = 0.0) -> BlockLoss:
+    """The objective of one batch: distillation towards ``teacher`` when given, else the next-token loss, plus
+    ``loop_loss_weight`` times the mean next-token loss at the earlier loops' exits when that weight is positive."""
+    if teacher is not None:
+        return lambda model, input_ids: distill_loss(model, teacher, input_ids)
+    if loop_loss_weight > 0:
+
+        def with_loop_exits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+            final, loops = lm_loss_with_loop_exits(model, input_ids)
+            return final + loop_loss_weight * loops
+
+        return with_loop_exits
+    return lm_loss
+
+
 def evaluate(
     model: nn.Module, blocks: torch.Tensor, batch_size: int, device: torch.device, teacher: Optional[nn.Module] = None,
     progress: bool = False,
 ) -> float:
     """Held-back perplexity (``teacher`` None) or mean distillation loss (``teacher`` given) over ``[N, T]`` blocks."""
-    from tqdm.auto import tqdm
-
-    model.eval()
-    total, weight = 0.0, 0
-    for start in tqdm(range(0, blocks.shape[0], batch_size), desc="evaluate", unit="batch", disable=not progress, leave=False):
-        batch = blocks[start:start + batch_size].to(device)
-        loss = lm_loss(model, batch) if teacher is None else distill_loss(model, teacher, batch)
-        total += float(loss.detach()) * batch.shape[0]
-        weight += batch.shape[0]
-    mean = total / max(weight, 1)
-    return math.exp(mean) if teacher is None else mean
+    if teacher is None:
+        return perplexity(model, blocks, batch_size, device, loss=lm_loss, progress=progress)
+    return evaluate_loss(model, blocks, batch_size, device, loss=uptraining_loss(teacher), progress=progress)
 
 
 def uptrain(
@@ -211,56 +222,28 @@ def uptrain(
     on_log: Optional[Callable[[int, Dict[str, float]], None]] = None,
     log_every: int = 10,
 ) -> List[float]:
-    """Train every parameter of ``model`` (shared blocks, relaxation, embeddings) with AdamW for ``steps`` steps.
+    """Train every parameter of ``model`` (shared blocks, relaxation, embeddings) with AdamW for ``steps`` steps
+    (the training kit's loop, :func:`continual.training.train_on_blocks`).
 
     Args:
         blocks: ``[N, T]`` training token blocks, sampled in a seeded random order, reshuffled each pass.
+        warmup_steps: linear warm-up steps, then linear decay to zero at ``steps``.
         teacher: distil towards this frozen model's final hidden states instead of next-token prediction.
         loop_loss_weight: add this weight times the mean next-token loss at the earlier loops' exits.
         on_log: called every ``log_every`` steps with ``{"train_loss": mean over those steps, "lr": ...}``.
 
     Returns:
         The loss of every step.
+
+    Raises:
+        NonFiniteLossError: the loss became NaN or infinite.
     """
-    from tqdm.auto import tqdm
-
-    params = [p for p in model.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-    from continual.lm import lr_factor  # linear warm-up, then linear decay to zero at `steps`
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps, warmup_steps))
-    generator = torch.Generator().manual_seed(seed)
-    order: List[int] = []
-    losses: List[float] = []
-    model.train()
-    for step in tqdm(range(steps), desc="uptrain", unit="step", disable=not progress):
-        if len(order) < batch_size:
-            order += torch.randperm(blocks.shape[0], generator=generator).tolist()
-        batch = blocks[torch.tensor(order[:batch_size])].to(device)
-        order = order[batch_size:]
-        if teacher is not None:
-            loss = distill_loss(model, teacher, batch)
-        elif loop_loss_weight > 0:
-            final, loops = lm_loss_with_loop_exits(model, batch)
-            loss = final + loop_loss_weight * loops
-        else:
-            loss = lm_loss(model, batch)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"uptraining loss became {float(loss)} at step {step}; lower training.lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
-        schedule.step()
-        losses.append(float(loss.detach()))
-        if on_log is not None and (step + 1) % log_every == 0:
-            on_log(step + 1, {"train_loss": sum(losses[-log_every:]) / log_every, "lr": schedule.get_last_lr()[0]})
-    model.eval()
-    return losses
+    log = None if on_log is None else lambda step, m: on_log(step, {"train_loss": m["loss"], "lr": m["lr"]})
+    return train_on_blocks(
+        model, set_trainable(model, model.parameters()), blocks, uptraining_loss(teacher, loop_loss_weight), steps,
+        batch_size, lr, weight_decay, warmup_steps, max_grad_norm, device, seed=seed, desc="uptrain",
+        progress=progress, on_log=log, log_every=log_every,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- recipe
@@ -278,13 +261,15 @@ class UptrainResult:
 
 
 def run_uptraining(cfg: DictConfig, echo: Callable[[str], None] = print) -> UptrainResult:
-    """Setup -> evaluate original -> convert -> evaluate -> uptrain -> evaluate -> save, tracked in MLflow."""
-    from continual.expansion import resolve_device
+    """Setup -> evaluate original -> convert -> evaluate -> uptrain -> evaluate -> save, tracked in MLflow.
+
+    The model is saved in a fresh folder ``tracking.output_dir/<run name>`` (``-2``, ``-3``... when an earlier run
+    left files there), which holds ``config.yaml`` from the start and ``uptrain_summary.json`` at the end, also when
+    the run fails.
+    """
     from continual.models.backbone import load_backbone, load_causal_lm
     from continual.models.recursive import convert_to_recursive, parameter_breakdown, save_recursive
-    from continual.runner import seed_everything
     from continual.tracking import ExperimentTracker
-    from streams.text import build_text_blocks
 
     # ---------------------------------------------------------------- setup
     seed_everything(cfg.seed)
@@ -292,18 +277,28 @@ def run_uptraining(cfg: DictConfig, echo: Callable[[str], None] = print) -> Uptr
     loader = load_causal_lm if cfg.model.kind == "causal_lm" else load_backbone
     model, tokenizer = loader(cfg.model.name, random_init=cfg.model.random_init, config_overrides=dict(cfg.model.config_overrides))
     model = model.to(device).eval()
-    blocks = build_text_blocks(
-        list(cfg.data.tasks), tokenizer, block_size=cfg.data.block_size, heldout_fraction=cfg.data.heldout_fraction,
-        seed=cfg.data.seed, data_root=cfg.data.data_root, splits=list(cfg.data.splits), max_sentences=cfg.data.max_sentences,
-    )
+    blocks = text_blocks(cfg.data, tokenizer, cfg.data.tasks)
     heldout = blocks.heldout[: cfg.training.eval_blocks] if cfg.training.eval_blocks else blocks.heldout
     rec = OmegaConf.to_container(cfg.recursion)
     run_name = cfg.tracking.run_name or (
         f"{Path(cfg.model.name).name}-R{rec['num_loops']}-{rec['sharing']}-{rec['init']}-r{rec['rank']}-{cfg.training.objective}"
     )
-    folder = Path(cfg.tracking.output_dir) / run_name
+    folder = open_run_dir(cfg.tracking.output_dir, run_name, cfg)
+    run_name = folder.name  # the MLflow run and the model's folder share a name, suffixed when an earlier run had it
     distill = cfg.training.objective == "distill"
-    ev = lambda m, teacher=None: evaluate(m, heldout, cfg.training.eval_batch_size, device, teacher, cfg.training.progress)
+    metric = "distill_mse" if distill else "perplexity"
+    t = cfg.training
+    ev = lambda m, teacher=None: evaluate(m, heldout, t.eval_batch_size, device, teacher, t.progress)
+    measured: Dict[str, Any] = {"original": None, "before": None, "after": None, "parameters": None}
+
+    def finish(tracker, failed: bool = False) -> None:
+        """Write the summary of what has been measured so far (also after a failure) and upload it, with the saved
+        model's config once there is one."""
+        summary = {"metric": metric, **measured, "steps": t.steps, "folder": str(folder), "failed": failed}
+        (folder / "uptrain_summary.json").write_text(json.dumps(summary, indent=2))
+        for name in ("uptrain_summary.json", "config.json"):
+            if (folder / name).is_file():
+                tracker.log_artifact(folder / name)
 
     with ExperimentTracker(cfg.tracking.experiment or "uptrain", run_name, uri=cfg.tracking.uri,
                            enabled=cfg.tracking.enabled, tags={"recipe": "uptrain", "model": cfg.model.name}) as tracker:
@@ -311,32 +306,28 @@ def run_uptraining(cfg: DictConfig, echo: Callable[[str], None] = print) -> Uptr
         tracker.log_text(to_yaml(cfg), "config.yaml")
         echo(f"uptrain {run_name}: {blocks.train.shape[0]} training and {heldout.shape[0]} held-back blocks of "
              f"{blocks.block_size} tokens on {device}; {tracker.describe()}")
-        original_count = sum(p.numel() for p in model.parameters())
-        teacher = copy.deepcopy(model).requires_grad_(False) if distill else None
-        original = 0.0 if distill else ev(model)
-        convert_to_recursive(model, **rec)
-        counts = {"original": original_count, **parameter_breakdown(model)}
-        before = ev(model, teacher)
-        tracker.log_metrics({**{f"parameters/{k}": v for k, v in counts.items()}, "eval/original": original, "eval/before": before}, step=0)
+        with artifacts_on_failure(lambda: finish(tracker, failed=True)):
+            original_count = sum(p.numel() for p in model.parameters())
+            teacher = copy.deepcopy(model).requires_grad_(False) if distill else None
+            original = measured["original"] = 0.0 if distill else ev(model)
+            convert_to_recursive(model, **rec)
+            counts = measured["parameters"] = {"original": original_count, **parameter_breakdown(model)}
+            before = measured["before"] = ev(model, teacher)
+            tracker.log_metrics({**{f"parameters/{k}": v for k, v in counts.items()}, "eval/original": original,
+                                 "eval/before": before}, step=0)
 
-        # ---------------------------------------------------------------- train
-        t = cfg.training
-        losses = uptrain(
-            model, blocks.train, t.steps, t.batch_size, t.lr, t.weight_decay, t.warmup_steps, t.max_grad_norm,
-            teacher=teacher, loop_loss_weight=t.loop_loss_weight, device=device, seed=cfg.seed, progress=t.progress,
-            on_log=lambda step, m: tracker.log_metrics(m, step=step), log_every=t.log_every,
-        )
+            # ---------------------------------------------------------------- train
+            losses = uptrain(
+                model, blocks.train, t.steps, t.batch_size, t.lr, t.weight_decay, t.warmup_steps, t.max_grad_norm,
+                teacher=teacher, loop_loss_weight=t.loop_loss_weight, device=device, seed=cfg.seed,
+                progress=t.progress, on_log=lambda step, m: tracker.log_metrics(m, step=step), log_every=t.log_every,
+            )
 
-        # ---------------------------------------------------------------- evaluate and save
-        after = ev(model, teacher)
-        tracker.log_metrics({"eval/after": after}, step=t.steps)
-        save_recursive(model, folder, tokenizer)
-        metric = "distill_mse" if distill else "perplexity"
-        summary = {"metric": metric, "original": original, "before": before, "after": after, "parameters": counts,
-                   "steps": t.steps, "folder": str(folder)}
-        (folder / "uptrain_summary.json").write_text(json.dumps(summary, indent=2))
-        tracker.log_artifact(folder / "uptrain_summary.json")
-        tracker.log_artifact(folder / "config.json")
+            # ---------------------------------------------------------------- evaluate and save
+            after = measured["after"] = ev(model, teacher)
+            tracker.log_metrics({"eval/after": after}, step=t.steps)
+            save_recursive(model, folder, tokenizer)
+        finish(tracker)
     shown = "" if distill else f"original {original:.2f} -> "
     echo(f"{metric}: {shown}converted {before:.4g} -> uptrained {after:.4g} ({t.steps} steps); "
          f"parameters {counts['total']:,} of {original_count:,}; saved to {folder}")

@@ -1,29 +1,38 @@
-"""The experiment recipe: setup -> (expand, train, freeze, evaluate, log) per task -> report.
+"""The classification recipe: setup -> (expand, train, freeze, evaluate, log) per task -> report.
 
+A stream of classification tasks is learnt one after the other (or jointly) by the learner and an expansion strategy.
 Reads top to bottom; everything with side effects (MLflow, files, the terminal) happens here or at the edges it calls.
+
+Run: ``continual run CONFIG.yaml [key=value ...]`` (presets in ``configs/``).
 """
 
 from __future__ import annotations
 
-import logging
-import random
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Dict, Sequence
 
 import numpy as np
-import torch
 from omegaconf import DictConfig
 
-from continual.config import flatten, to_yaml
+from continual.config import flatten, load_experiment_config, to_yaml
 from continual.results import RunResult, TaskRecord
 
-log = logging.getLogger(__name__)
 
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), extra: Dict[str, Any] | None = None
+) -> DictConfig:
+    """A YAML preset (optional), a dict and ``key=value`` overrides merged onto the experiment schema and checked,
+    the ``strategy`` node typed by the registered config class of the strategy it names.
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    Returns:
+        A resolved, read-only ``DictConfig`` (see :func:`continual.config.load_experiment_config`).
+
+    Raises:
+        ConfigError: unknown key, wrong type, unknown strategy or out-of-range choice, naming the full key path.
+    """
+    from strategies.registry import get_strategy_config_class
+
+    return load_experiment_config(path, overrides, extra, strategy_schema=get_strategy_config_class)
 
 
 def default_names(cfg: DictConfig) -> tuple[str, str]:
@@ -43,7 +52,6 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
         NonFiniteLossError: after logging everything finished before the loss diverged.
     """
     from continual.checkpoint import save_task_state
-    from continual.expansion import resolve_device
     from continual.learner import ContinualLearner
     from continual.metrics import summarize
     from continual.models.backbone import load_backbone, load_causal_lm
@@ -51,6 +59,7 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
     from continual.report import format_table
     from continual.resources import ResourceMonitor
     from continual.tracking import ExperimentTracker
+    from continual.training import artifacts_on_failure, open_run_dir, resolve_device, seed_everything
     from streams.avalanche import joint_experience, to_avalanche_benchmark
     from streams.build import build_stream
     from strategies.registry import build_strategy
@@ -92,12 +101,9 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
         progress=cfg.training.progress,
     )
 
-    from continual.report import fresh_run_dir
-
     experiment, run_name = default_names(cfg)
-    output_dir = fresh_run_dir(Path(cfg.tracking.output_dir) / experiment, run_name)
+    output_dir = open_run_dir(Path(cfg.tracking.output_dir) / experiment, run_name, cfg)
     run_name = output_dir.name  # the MLflow run and its folder share a name, suffixed when an earlier run had it
-    (output_dir / "config.yaml").write_text(to_yaml(cfg))
     names = [t.name for t in tasks]
     T = len(tasks)
     result = RunResult(task_names=names, matrix=np.full((T, T), np.nan), output_dir=output_dir)
@@ -134,7 +140,7 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
         phases = [("all tasks", joint_experience(train_exps), T - 1)] if strategy.trains_jointly else [
             (t.name, exp, t.index) for t, exp in zip(tasks, train_exps)
         ]
-        try:
+        with artifacts_on_failure(lambda: finish(tracker, failed=True)):
             for label, experience, row in tqdm(phases, desc="tasks", unit="task", disable=not cfg.training.progress):
                 with ResourceMonitor(device) as monitor:
                     learner.train(experience)
@@ -170,9 +176,6 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
                     },
                     step=row,
                 )
-        except Exception:
-            finish(tracker, failed=True)
-            raise
         summary = finish(tracker)
     echo(format_table(result, summary))
     echo(f"artifacts: {output_dir}")
