@@ -73,6 +73,14 @@ class StrategyConfig:
 
 
 @dataclass
+class RouterConfig:
+    """Base of every router's config. ``oracle``: each sample uses the modules of the task id it comes with (at test
+    time too); another name infers the task from the input (``continual list`` shows the registered routers)."""
+
+    name: str = "oracle"
+
+
+@dataclass
 class TrainingConfig:
     epochs: int = 1
     batch_size: int = 16
@@ -111,6 +119,7 @@ class ExperimentConfig:
     stream: StreamConfig = field(default_factory=StreamConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0
@@ -178,6 +187,7 @@ def load_experiment_config(
     extra: Dict[str, Any] | None = None,
     *,
     strategy_schema: Callable[[str], type],
+    router_schema: Optional[Callable[[str], type]] = None,
 ) -> DictConfig:
     """Load a YAML preset, apply ``key=value`` overrides and validate against the schema.
 
@@ -187,6 +197,7 @@ def load_experiment_config(
         extra: a plain dict merged after the file and before the overrides (used by tests and the Python API).
         strategy_schema: the config dataclass (a :class:`StrategyConfig`) of a strategy name; raises ``KeyError``
             with a message naming the known strategies for an unknown one.
+        router_schema: the same for router names (a :class:`RouterConfig`); None allows only ``oracle``.
 
     Returns:
         A resolved, read-only ``DictConfig`` typed by :class:`ExperimentConfig`, whose ``strategy`` node is typed by
@@ -208,8 +219,23 @@ def load_experiment_config(
     except KeyError as err:
         raise ConfigError(f"strategy.name: {err.args[0]}") from err
 
+    router = RouterConfig.name
+    for _, layer in layers:
+        node = layer.get("router") if isinstance(layer, DictConfig) else None
+        if isinstance(node, DictConfig) and node.get("name") is not None:
+            router = str(node.get("name"))
+    router_cls = RouterConfig
+    if router != RouterConfig.name:
+        try:
+            if router_schema is None:
+                raise KeyError(f"unknown router {router!r}; registered: oracle")
+            router_cls = router_schema(router)
+        except KeyError as err:
+            raise ConfigError(f"router.name: {err.args[0]}") from err
+
     schema = OmegaConf.structured(ExperimentConfig)
     schema.strategy = OmegaConf.structured(strategy_cls)
+    schema.router = OmegaConf.structured(router_cls)
     cfg = merge_layers(schema, layers)
     try:
         OmegaConf.resolve(cfg)

@@ -129,6 +129,9 @@ def summarize(result: RunResult) -> Dict[str, float]:
 
     Returns:
         ``{"acc", "bwt", "fwt", "forgetting"}`` as fractions (0..1 scale, like the matrix), NaN where undefined.
+        A routed run (``result.oracle_matrix`` set) adds ``acc_oracle`` (ACC with the task id given), ``bwt_oracle``
+        and ``routing_acc`` (the mean over tasks of the final routing-accuracy row: the fraction of each task's test
+        samples routed to that task).
 
     Raises:
         ValueError: if the matrix is not square or does not match the number of task names.
@@ -136,9 +139,16 @@ def summarize(result: RunResult) -> Dict[str, float]:
     r = _check_matrix(result.matrix)
     if r.shape[0] != len(result.task_names):
         raise ValueError(f"matrix has {r.shape[0]} tasks but the run names {len(result.task_names)}")
-    return {
+    summary = {
         "acc": average_accuracy(r),
         "bwt": backward_transfer(r),
         "fwt": forward_transfer(r, result.initial),
         "forgetting": mean_forgetting(r),
     }
+    if result.oracle_matrix is not None:
+        oracle = _check_matrix(result.oracle_matrix)
+        summary["acc_oracle"] = average_accuracy(oracle)
+        summary["bwt_oracle"] = backward_transfer(oracle)
+    if result.routing_matrix is not None:
+        summary["routing_acc"] = average_accuracy(_check_matrix(result.routing_matrix))
+    return summary

@@ -93,10 +93,19 @@ def format_table(result: RunResult, summary: Dict[str, float]) -> str:
     names = (("acc", "ACC"), ("bwt", "BWT"), ("fwt", "FWT"), ("forgetting", "forgetting"))
     metrics = "  ".join(f"{label} {_pct(summary.get(key), '.2f')}" for key, label in names)
     lines += ["", f"{metrics}  (percent points)"]
+    if "routing_acc" in summary:
+        seconds = result.eval_seconds or {}
+        ratio = seconds.get("routed", math.nan) / seconds["oracle"] if seconds.get("oracle") else math.nan
+        lines.append(
+            f"task inferred by the router (the figures above); with the task id given: ACC "
+            f"{_pct(summary.get('acc_oracle'), '.2f')}  BWT {_pct(summary.get('bwt_oracle'), '.2f')};  routing accuracy "
+            f"{_pct(summary.get('routing_acc'), '.2f')};  evaluation time routed / oracle {ratio:.2f}"
+        )
 
     if result.records:
+        routed = result.routing_matrix is not None
         cost_rows = [["task", "trainable params", "stored params", "wall time s", "peak memory MB", "train loss",
-                      "stored bytes"]]
+                      "stored bytes"] + (["router bytes"] if routed else [])]
         for rec in result.records:
             loss = _MISSING if not math.isfinite(rec.train_loss) else f"{rec.train_loss:.4f}"
             cost_rows.append([
@@ -107,7 +116,7 @@ def format_table(result: RunResult, summary: Dict[str, float]) -> str:
                 f"{rec.peak_memory_mb:.1f}",
                 loss,
                 f"{rec.stored_bytes:,}",
-            ])
+            ] + ([f"{rec.router_bytes:,}"] if routed else []))
         lines += [""] + _grid(cost_rows)
     return "\n".join(lines)
 
@@ -155,7 +164,7 @@ def _set_step_ticks(set_ticks, labels: List[str]) -> None:
     set_ticks(range(len(labels)), labels=labels, rotation=45 if slanted else 0, ha="right" if slanted else "center")
 
 
-def plot_accuracy_matrix(result: RunResult, path: PathLike) -> Path:
+def plot_accuracy_matrix(result: RunResult, path: PathLike, title: str = "Accuracy matrix (%)") -> Path:
     """Saves the accuracy matrix as an annotated heatmap PNG (percent; cells not evaluated are left blank).
 
     Args:
@@ -185,8 +194,50 @@ def plot_accuracy_matrix(result: RunResult, path: PathLike) -> Path:
     ax.set_yticks(range(n_rows), labels=[label for label, _ in labelled])
     ax.set_xlabel("evaluated on task")
     ax.set_ylabel("model state")
-    ax.set_title("Accuracy matrix (%)")
-    fig.colorbar(image, ax=ax, label="accuracy (%)")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="percent")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_routing_confusion(counts: np.ndarray, names: Sequence[str], path: PathLike,
+                           csv_path: Optional[PathLike] = None) -> Path:
+    """Saves the final routing confusion (row: true task, column: task routed to; percent of the row) as a heatmap,
+    and its raw counts as CSV when ``csv_path`` is given.
+
+    Args:
+        counts: ``[T, T]`` counts of test samples of task i routed to task j.
+        names: the T task names.
+    """
+    import matplotlib
+
+    counts = np.asarray(counts, dtype=float)
+    if csv_path is not None:
+        csv_path = Path(csv_path)
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        with csv_path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["true_task"] + [f"routed_to_{n}" for n in names])
+            for name, row in zip(names, counts):
+                writer.writerow([name] + [int(v) for v in row])
+    share = 100.0 * counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    n = len(names)
+    fig = new_figure(max(4.0, 1.5 + 0.6 * n), max(3.0, 1.0 + 0.5 * n))
+    ax = fig.add_subplot()
+    image = ax.imshow(share, cmap=matplotlib.colormaps["magma_r"], vmin=0.0, vmax=100.0, aspect="auto")
+    for i in range(n):
+        for j in range(n):
+            if counts[i, j]:
+                ax.text(j, i, f"{share[i, j]:.0f}", ha="center", va="center", fontsize=8 if n > 8 else 10,
+                        color="white" if share[i, j] > 60.0 else "black")
+    _set_step_ticks(ax.set_xticks, list(names))
+    ax.set_yticks(range(n), labels=list(names))
+    ax.set_xlabel("routed to task")
+    ax.set_ylabel("true task")
+    ax.set_title("Routing confusion (% of each task's test samples)")
+    fig.colorbar(image, ax=ax, label="percent")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

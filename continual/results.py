@@ -20,6 +20,7 @@ class TaskRecord:
     peak_memory_mb: float  # peak process RSS (CPU) or peak allocated CUDA memory while training this task
     train_loss: float  # mean training loss over the task's last epoch
     stored_bytes: int = 0  # bytes of this task's checkpoint (0 when checkpoints are off)
+    router_bytes: int = 0  # bytes a task-inferring router keeps for this task (0 for the oracle)
 
 
 @dataclass
@@ -35,6 +36,14 @@ class RunResult:
     initial: Optional[np.ndarray] = None  # [T] or None
     records: List[TaskRecord] = field(default_factory=list)
     output_dir: Optional[Path] = None  # where the run wrote its artifacts (set by run_experiment)
+    # Runs that infer the task (a router other than the oracle): `matrix` is the routed accuracy, `oracle_matrix`
+    # the same model with the task id given, `routing_matrix[i, j]` the fraction of task j's test samples routed to
+    # task j after task i (NaN for tasks not yet learnt), `routing_confusion[i, j]` the final counts of task i's test
+    # samples routed to task j, `eval_seconds` the evaluation time of each way.
+    oracle_matrix: Optional[np.ndarray] = None
+    routing_matrix: Optional[np.ndarray] = None
+    routing_confusion: Optional[np.ndarray] = None
+    eval_seconds: Optional[Dict[str, float]] = None
 
     def to_dict(self) -> Dict:
         return {
@@ -42,4 +51,11 @@ class RunResult:
             "matrix": [[None if np.isnan(v) else float(v) for v in row] for row in self.matrix],
             "initial": None if self.initial is None else [float(v) for v in self.initial],
             "records": [asdict(r) for r in self.records],
+            **{
+                name: [[None if np.isnan(v) else float(v) for v in row] for row in value]
+                for name, value in (("oracle_matrix", self.oracle_matrix), ("routing_matrix", self.routing_matrix),
+                                    ("routing_confusion", self.routing_confusion))
+                if value is not None
+            },
+            **({"eval_seconds": dict(self.eval_seconds)} if self.eval_seconds else {}),
         }

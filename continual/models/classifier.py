@@ -57,6 +57,37 @@ class TaskHeads(nn.Module):
         if self.mode == "shared":
             self.active[self.target_index(task)] = True
 
+    def label_map(self) -> torch.Tensor:
+        """``[T, T, W, W + 1]`` 0/1: ``M[r, g, i, j] = 1`` when label ``i`` of task ``r``'s head is label ``j`` of task
+        ``g`` (by label string), and ``j = W`` (an "other" column no target uses) when task ``g`` has no such label."""
+        if getattr(self, "_label_map", None) is None:
+            t, w = len(self.task_labels), self.width
+            m = torch.zeros(t, t, w, w + 1)
+            for r, routed in enumerate(self.task_labels):
+                for g, gold in enumerate(self.task_labels):
+                    for i, label in enumerate(routed):
+                        m[r, g, i, gold.index(label) if label in gold else w] = 1.0
+            self._label_map = m
+        return self._label_map
+
+    def in_gold_space(self, logits: torch.Tensor, routed: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+        """Express predictions of the routed tasks' heads in the gold tasks' label spaces.
+
+        A prediction is right when its label string equals the gold label string, whichever task's head made it: the
+        routed head's probabilities are summed per gold label (labels the gold task does not have go to an extra
+        last column that no target uses).
+
+        Args:
+            logits: ``[B, W]`` logits of each sample's routed head (``-inf`` on padding).
+            routed, gold: ``[B]`` the task each sample was routed to, and its true task.
+
+        Returns:
+            ``[B, W + 1]`` log-probabilities over the gold task's labels plus "another task's label".
+        """
+        mapping = self.label_map().to(logits.device)[routed.long(), gold.long()]  # [B, W, W+1]
+        probs = torch.einsum("bw,bwk->bk", torch.softmax(logits.float(), -1), mapping)
+        return probs.clamp_min(1e-12).log()
+
     def parameters_for(self, task: int) -> List[nn.Parameter]:
         return list((self.heads[task] if self.mode == "task" else self.shared).parameters())
 
@@ -97,6 +128,13 @@ class ContinualClassifier(MultiTaskModule):
         # A continual.modules.ModuleBank set by a strategy that puts per-task modules in the backbone; when set,
         # every backbone call routes each sample to its task's modules.
         self.bank = None
+        # Task inference (continual.modules.routers): when set, evaluation ignores the given task id for routing and
+        # uses the task the router infers from the input; `route_inferred=False` evaluates with the given id (the
+        # oracle) in the same run. `routing_log` collects (true task [B], routed task [B]) of routed evaluations.
+        self.task_router = None
+        self.router_layers: Sequence[int] = ()
+        self.route_inferred = True
+        self.routing_log: List[tuple] = []
 
     def encode(
         self,
@@ -134,7 +172,60 @@ class ContinualClassifier(MultiTaskModule):
             return {task: self.heads(features, labels[task]) for task in tasks}
         if not torch.is_tensor(task_labels):
             task_labels = torch.full((x.shape[0],), int(task_labels), dtype=torch.long, device=x.device)
+        if self.routes_by_inference():
+            routed = self.infer_tasks(x)
+            self.routing_log.append((task_labels.detach().cpu(), routed.detach().cpu()))
+            logits = self.heads(self._features(x, routed), routed)
+            return self.heads.in_gold_space(logits, routed, task_labels.to(routed.device))
         return self.heads(self._features(x, task_labels), task_labels)
+
+    # ------------------------------------------------------------------ task inference
+    def routes_by_inference(self) -> bool:
+        """Whether this forward infers each sample's task: a router with fitted tasks, evaluation, routing on."""
+        router = self.task_router
+        return router is not None and self.route_inferred and not self.training and bool(router.tasks)
+
+    def routing_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 2, L]`` -> ``[B, F]``: the frozen backbone's mean-pooled hidden states of ``router_layers``
+        (concatenated), with no task module acting (the bank's slots all weighted 0)."""
+        input_ids, attention_mask = x[:, 0], x[:, 1]
+        used = max(int(attention_mask.sum(1).max().item()) if attention_mask.numel() else 0, 1)
+        ids, mask = input_ids[:, :used], attention_mask[:, :used]
+        n_virtual, extra = 0, {}
+        if self.bank is None:
+            hidden = self.backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        else:
+            none = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
+            with self.bank.route(none, weights=torch.zeros(ids.shape[0], 0, device=ids.device)):
+                ids, mask, positions, n_virtual = self.bank.prepare_inputs(ids, mask)
+                if n_virtual and self._takes_position_ids():
+                    extra["position_ids"] = positions
+                hidden = self.backbone(
+                    input_ids=ids, attention_mask=mask, output_hidden_states=True, **extra
+                ).hidden_states
+        mask = mask[:, n_virtual:].to(hidden[0].dtype).unsqueeze(-1)
+        layers = list(self.router_layers) or [len(hidden) - 1]
+        pooled = [(hidden[i][:, n_virtual:] * mask).sum(1) / mask.sum(1).clamp_min(1.0) for i in layers]
+        return torch.cat(pooled, -1)
+
+    def infer_tasks(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, 2, L]`` -> ``[B]`` the task each sample is routed to, among the tasks the router has fitted.
+
+        Feature routers score tasks from :meth:`routing_features`; a router that reads the candidates' predictions
+        (``reads_candidates``, e.g. ``entropy``) gets every candidate task's logits, computed in one batched
+        forward of ``B x K`` samples through the bank (each copy routed to one candidate).
+        """
+        router = self.task_router
+        candidates = sorted(router.tasks)
+        ids = torch.tensor(candidates, dtype=torch.long, device=x.device)
+        if getattr(router, "reads_candidates", False):
+            k, b = len(candidates), x.shape[0]
+            each = ids.repeat_interleave(b)  # [K*B]: copy c of the batch routed to candidate c
+            logits = self.heads(self._features(x.repeat(k, 1, 1), each), each).view(k, b, -1)
+            scores = router.scores_from_logits(logits)  # [B, K]
+        else:
+            scores = router.scores(self.routing_features(x))  # [B, K]
+        return ids[scores.argmax(1)]
 
     def _features(self, x: torch.Tensor, task_labels: torch.Tensor | None = None) -> torch.Tensor:
         """Drop the padding columns no sample uses, then encode: [B, 2, L] -> [B, H].

@@ -105,6 +105,7 @@ class Routing:
         # Virtual-token group -> (first position, number of positions) in the current forward's sequence;
         # set by ModuleBank.prepare_inputs.
         self.virtual: Dict[int, Tuple[int, int]] = {}
+        self._given: Optional[torch.Tensor] = None  # [B, K'] slot weights given to route(), else None
 
     @property
     def mode(self) -> Optional[str]:
@@ -112,20 +113,29 @@ class Routing:
 
     @property
     def exclusive(self) -> bool:
+        if self._given is not None:
+            return False  # given weights may mix slots
         return bool(self.router.exclusive)
 
     @contextmanager
-    def route(self, task_ids: torch.Tensor) -> Iterator["Routing"]:
-        """Set the per-sample task ids ``[B]`` for the forward passes run inside the block."""
+    def route(self, task_ids: torch.Tensor, weights: Optional[torch.Tensor] = None) -> Iterator["Routing"]:
+        """Set the per-sample task ids ``[B]`` for the forward passes run inside the block.
+
+        Args:
+            weights: ``[B, K']`` slot weights to use instead of the router's (an inferred or soft route); slots
+                beyond ``K'`` get weight 0, so ``[B, 0]`` runs the bare backbone (no module acts).
+        """
         if self.task_ids is not None:
             raise RuntimeError("routing is already set: forward passes through one bank cannot be nested")
         if task_ids.dim() != 1:
             raise ValueError(f"task ids must have shape [B], got {tuple(task_ids.shape)}")
-        self.task_ids, self._weights, self.virtual = task_ids, {}, {}
+        if weights is not None and (weights.dim() != 2 or weights.shape[0] != task_ids.shape[0]):
+            raise ValueError(f"slot weights must have shape [B, K] with B={task_ids.shape[0]}, got {tuple(weights.shape)}")
+        self.task_ids, self._weights, self.virtual, self._given = task_ids, {}, {}, weights
         try:
             yield self
         finally:
-            self.task_ids, self._weights, self.virtual = None, {}, {}
+            self.task_ids, self._weights, self.virtual, self._given = None, {}, {}, None
 
     def weights(self, n_slots: int) -> torch.Tensor:
         """``[B, K]`` slot weights of the current forward."""
@@ -134,7 +144,12 @@ class Routing:
                 "no routing is set: run the backbone through ContinualClassifier, or inside bank.route(task_ids)"
             )
         if n_slots not in self._weights:
-            self._weights[n_slots] = self.router.weights(self.task_ids, n_slots)
+            given = self._given
+            if given is None:
+                self._weights[n_slots] = self.router.weights(self.task_ids, n_slots)
+            else:
+                given = given[:, :n_slots].float()
+                self._weights[n_slots] = torch.nn.functional.pad(given, (0, n_slots - given.shape[1]))
         return self._weights[n_slots]
 
     def single_slot(self, n_slots: int) -> Optional[int]:
@@ -570,9 +585,9 @@ class ModuleBank:
         return ids, mask, positions, V
 
     # ------------------------------------------------------------------ use
-    def route(self, task_ids: torch.Tensor):
+    def route(self, task_ids: torch.Tensor, weights: Optional[torch.Tensor] = None):
         """Context manager: forward passes inside it route each sample by its task id ``[B]``."""
-        return self.routing.route(task_ids)
+        return self.routing.route(task_ids, weights)
 
     def sites(self) -> Dict[str, TaskModuleSite]:
         """Site name (relative to the attached model) -> site, in model order."""

@@ -8,8 +8,9 @@ Run: ``continual run CONFIG.yaml [key=value ...]`` (presets in ``configs/``).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 from omegaconf import DictConfig
@@ -30,9 +31,13 @@ def load_config(
     Raises:
         ConfigError: unknown key, wrong type, unknown strategy or out-of-range choice, naming the full key path.
     """
+    from continual.modules.routers import router_spec
     from strategies.registry import get_strategy_config_class
 
-    return load_experiment_config(path, overrides, extra, strategy_schema=get_strategy_config_class)
+    return load_experiment_config(
+        path, overrides, extra, strategy_schema=get_strategy_config_class,
+        router_schema=lambda name: router_spec(name).config,
+    )
 
 
 def default_names(cfg: DictConfig) -> tuple[str, str]:
@@ -60,6 +65,7 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
     from continual.resources import ResourceMonitor
     from continual.tracking import ExperimentTracker
     from continual.training import artifacts_on_failure, open_run_dir, resolve_device, seed_everything
+    from continual.training.routing import attach_router, fit_router, make_router, take_routing_counts
     from streams.avalanche import joint_experience, to_avalanche_benchmark
     from streams.build import build_stream
     from strategies.registry import build_strategy
@@ -69,6 +75,7 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
     seed_everything(cfg.seed)
     device = resolve_device(cfg.training.device)
     strategy = build_strategy(cfg.strategy)  # fail on bad strategy options before loading anything heavy
+    router = make_router(cfg.router)  # the same for the router's options
     # A strategy may ask for a causal LM and build its own model (TinT); the default is an encoder classifier.
     load = load_causal_lm if getattr(strategy, "backbone_kind", "encoder") == "causal_lm" else load_backbone
     backbone, tokenizer = load(
@@ -84,6 +91,7 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
     if model is None:
         model = ContinualClassifier(backbone, [t.labels for t in tasks], head=cfg.backbone.head, pooling=cfg.backbone.pooling)
     strategy.setup(model, tasks)
+    router = attach_router(model, router, cfg.router, cfg.strategy.name)  # None: the task id routes (oracle)
     benchmark = to_avalanche_benchmark(stream, model.heads.target_index)
     train_exps, test_exps = list(benchmark.train_stream), list(benchmark.test_stream)
     learner = ContinualLearner(
@@ -107,15 +115,41 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
     names = [t.name for t in tasks]
     T = len(tasks)
     result = RunResult(task_names=names, matrix=np.full((T, T), np.nan), output_dir=output_dir)
-    tags = {"stream": stream.name, "strategy": cfg.strategy.name, "backbone": cfg.backbone.name, "seed": str(cfg.seed)}
+    if router is not None:  # a routed run is evaluated both ways: routed (the matrix) and with the task id given
+        result.oracle_matrix = np.full((T, T), np.nan)
+        result.routing_matrix = np.full((T, T), np.nan)
+        result.eval_seconds = {"routed": 0.0, "oracle": 0.0}
+    tags = {"stream": stream.name, "strategy": cfg.strategy.name, "backbone": cfg.backbone.name, "seed": str(cfg.seed),
+            "router": cfg.router.name}
 
-    def evaluate_row() -> np.ndarray:
+    def evaluate_row(row: Optional[int] = None) -> np.ndarray:
+        """Accuracy on every task's test set; with a router, also the oracle row and the routing row of ``row``."""
+        started = time.perf_counter()
         accs = learner.evaluate(test_exps)
-        return np.array([accs[j] for j in range(T)])
+        routed = np.array([accs[j] for j in range(T)])
+        counts = take_routing_counts(model, T) if router is not None else None
+        if counts is None or row is None:
+            return routed
+        result.eval_seconds["routed"] += time.perf_counter() - started
+        model.route_inferred, started = False, time.perf_counter()
+        try:
+            accs = learner.evaluate(test_exps)
+        finally:
+            model.route_inferred = True
+        result.eval_seconds["oracle"] += time.perf_counter() - started
+        result.oracle_matrix[row] = [accs[j] for j in range(T)]
+        routing = np.diag(counts) / np.maximum(counts.sum(1), 1)
+        if not strategy.trains_jointly:
+            routing[row + 1:] = np.nan  # tasks not learnt yet: nothing can be routed to them
+        result.routing_matrix[row] = routing
+        result.routing_confusion = counts
+        return routed
 
     def finish(tracker, failed: bool = False) -> dict:
         """Write every artifact of what has been measured so far (also after a failure)."""
-        from continual.report import plot_accuracy_matrix, plot_forgetting_curves, save_matrix_csv, write_summary_json
+        from continual.report import (
+            plot_accuracy_matrix, plot_forgetting_curves, plot_routing_confusion, save_matrix_csv, write_summary_json,
+        )
 
         summary = summarize(result)
         tracker.log_metrics({f"final/{k}": v for k, v in summary.items()})
@@ -124,6 +158,14 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
         if not np.isnan(result.matrix).all():
             plot_accuracy_matrix(result, output_dir / "accuracy_matrix.png")
             plot_forgetting_curves(result, output_dir / "forgetting_curves.png")
+        if result.routing_matrix is not None and not np.isnan(result.routing_matrix).all():
+            oracle = RunResult(task_names=names, matrix=result.oracle_matrix, initial=result.initial)
+            save_matrix_csv(oracle, output_dir / "accuracy_matrix_oracle.csv")
+            routing = RunResult(task_names=names, matrix=result.routing_matrix)
+            save_matrix_csv(routing, output_dir / "routing_matrix.csv")
+            plot_accuracy_matrix(routing, output_dir / "routing_matrix.png", title="Routing accuracy (%)")
+            plot_routing_confusion(result.routing_confusion, names, output_dir / "routing_confusion.png",
+                                   csv_path=output_dir / "routing_confusion.csv")
         for path in sorted(output_dir.iterdir()):
             tracker.log_artifact(path)
         return summary
@@ -144,8 +186,14 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
             for label, experience, row in tqdm(phases, desc="tasks", unit="task", disable=not cfg.training.progress):
                 with ResourceMonitor(device) as monitor:
                     learner.train(experience)
-                result.matrix[row] = evaluate_row()
                 seen = tasks if strategy.trains_jointly else tasks[: row + 1]
+                router_bytes = 0
+                if router is not None:  # each task's routing statistics from its own training data, then frozen
+                    for task in seen if strategy.trains_jointly else [tasks[row]]:
+                        router_bytes += fit_router(model, task.index, task.name, train_exps[task.index].dataset
+                                                   if not strategy.trains_jointly else _task_subset(experience, task),
+                                                   cfg.training.eval_batch_size, device)
+                result.matrix[row] = evaluate_row(row)
                 stored_bytes = 0
                 if cfg.training.checkpoint_dir:
                     for task in seen if strategy.trains_jointly else [tasks[row]]:
@@ -161,6 +209,7 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
                     peak_memory_mb=monitor.peak_memory_mb,
                     train_loss=learner.last_epoch_loss,
                     stored_bytes=stored_bytes,
+                    router_bytes=router_bytes,
                 )
                 result.records.append(record)
                 tracker.log_metrics(
@@ -176,7 +225,23 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
                     },
                     step=row,
                 )
+                if router is not None:
+                    tracker.log_metrics(
+                        {
+                            **{f"acc_oracle/{n}": float(a) for n, a in zip(names, result.oracle_matrix[row])},
+                            **{f"routing_acc/{n}": float(a) for n, a in zip(names[: row + 1], result.routing_matrix[row])},
+                            "router_bytes": record.router_bytes,
+                        },
+                        step=row,
+                    )
         summary = finish(tracker)
     echo(format_table(result, summary))
     echo(f"artifacts: {output_dir}")
     return result
+
+
+def _task_subset(experience, task):
+    """The samples of ``task`` in a joint experience (its task label), for fitting a router after joint training."""
+    dataset = experience.dataset
+    keep = [i for i, t in enumerate(dataset.targets_task_labels) if int(t) == task.index]
+    return dataset.subset(keep)

@@ -28,9 +28,14 @@ def test_a_task_is_frozen_after_its_fit_and_earlier_statistics_do_not_change():
     router = PrototypeRouter()
     x0, y0 = _task(0, 0.0)
     router.fit_task(0, x0, y0)
-    before = router.tasks[0].means.clone(), router.tasks[0].scatter.clone()
+    means, counts = (t.clone() for t in router.tasks[0])
+    scatter = router.scatter.clone()
     router.fit_task(1, *_task(1, 5.0))
-    assert torch.equal(router.tasks[0].means, before[0]) and torch.equal(router.tasks[0].scatter, before[1])
+    assert torch.equal(router.tasks[0][0], means) and torch.equal(router.tasks[0][1], counts)
+    # the shared scatter grows by task 1's own share only: task 0's share is unchanged
+    x1, y1 = _task(1, 5.0)
+    share = torch.cat([x1[y1 == c] - x1[y1 == c].mean(0) for c in range(3)]).double()
+    torch.testing.assert_close(router.scatter - scatter, share.T @ share)
     with pytest.raises(ValueError, match="already fitted"):
         router.fit_task(0, x0, y0)
 
@@ -51,10 +56,66 @@ def test_mahalanobis_score_matches_the_explicit_formula():
 def test_stored_bytes_and_bad_input():
     router = PrototypeRouter()
     router.fit_task(0, *_task(0, 0.0, h=8))
-    assert router.stored_bytes(0) == 3 * 8 * 4 + 3 * 8 + 8 * 8 * 8
+    assert router.stored_bytes(0) == 3 * 8 * 4 + 3 * 8 + 8 * 8 * 8  # means, counts and the shared scatter
+    router.fit_task(2, *_task(2, 3.0, h=8))
+    assert router.stored_bytes(2) == 3 * 8 * 4 + 3 * 8  # the shared scatter is counted once, at the first task
     with pytest.raises(ValueError, match="no training samples"):
         router.fit_task(1, torch.zeros(0, 8), torch.zeros(0, dtype=torch.long))
-    with pytest.raises(ValueError, match="router.name: unknown router 'psychic'.*oracle.*prototype"):
+    with pytest.raises(ValueError, match="router.name: unknown router 'psychic'; registered: oracle, entropy, keys"):
         build_router("psychic")
     with pytest.raises(ValueError, match="shrinkage"):
         PrototypeRouter(shrinkage=2.0)
+
+
+def test_keys_are_the_direction_of_the_task_mean_and_score_by_cosine():
+    from continual.modules.routers import KeysRouter
+
+    router = KeysRouter()
+    data = [_task(i, centre=4.0 * (i + 1)) for i in range(2)]
+    data[1] = (-data[1][0], data[1][1])
+    for t, (x, y) in enumerate(data):
+        router.fit_task(t, x, y)
+    key = torch.nn.functional.normalize(torch.nn.functional.normalize(data[0][0], dim=-1).mean(0), dim=0)
+    torch.testing.assert_close(router.tasks[0], key)
+    assert (router.scores(data[1][0]).argmax(1) == 1).all()
+    assert router.stored_bytes(0) == 8 * 4
+
+
+def test_entropy_router_prefers_the_confident_candidate():
+    from continual.modules.routers import EntropyRouter
+
+    router = EntropyRouter()
+    router.fit_task(0, torch.zeros(0, 0), torch.zeros(0))
+    router.fit_task(1, torch.zeros(0, 0), torch.zeros(0))
+    logits = torch.tensor([[[0.0, 0.0, float("-inf")]], [[9.0, 0.0, 0.0]]])  # [K=2, B=1, C=3], padding on task 0
+    scores = router.scores_from_logits(logits)
+    assert scores.shape == (1, 2) and scores.argmax(1).item() == 1
+    torch.testing.assert_close(scores[0, 0], -torch.log(torch.tensor(2.0)))
+    assert router.stored_bytes(0) == 0
+
+
+def test_no_module_acts_under_zero_slot_weights(tiny_backbone):
+    # Routing features run the bare backbone: a bank given [B, 0] weights must reproduce the unmodified model.
+    import copy
+
+    from continual.models.backbone import load_backbone
+    from continual.models.classifier import ContinualClassifier
+    from continual.expansion import TaskInfo
+    from strategies.delta import DeltaStrategy
+
+    torch.manual_seed(0)
+    backbone, _ = load_backbone(tiny_backbone["name"], random_init=True,
+                                config_overrides=tiny_backbone["config_overrides"])
+    plain = ContinualClassifier(copy.deepcopy(backbone), [("a", "b")]).eval()
+    for kinds in (["lora"], ["prompt"], ["prefix", "adapter"]):
+        model = ContinualClassifier(copy.deepcopy(backbone), [("a", "b")])
+        DeltaStrategy(kinds=kinds).setup(model, [TaskInfo(0, "t", ("a", "b"))])
+        model.bank.add_task(0)
+        with torch.no_grad():
+            for p in model.bank.task_parameters(0):
+                p.add_(0.5)
+        model.eval()
+        x = torch.stack([torch.randint(1, 60, (3, 7)), torch.ones(3, 7, dtype=torch.long)], 1)
+        model.router_layers = [1, 2]
+        plain.router_layers = [1, 2]
+        torch.testing.assert_close(model.routing_features(x), plain.routing_features(x))

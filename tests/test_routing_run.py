@@ -1,0 +1,96 @@
+"""Runs that infer the task: every router end to end on a tiny model with real data, evaluated routed and with the
+task id given in the same run, with routing matrices in the artifacts, MLflow and summary.json."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from continual.config import ConfigError
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_cpu_thread")]
+
+
+@pytest.mark.parametrize("router, kinds", [
+    ("prototype", "[lora]"),
+    ("keys", "[prompt]"),
+    ("entropy", "[lora]"),
+    ("prototype", "[intrinsic]"),
+])
+def test_a_routed_run_reports_routed_and_oracle_accuracy_and_routing(tiny_experiment, router, kinds):
+    from continual.recipes.run import run_experiment
+
+    cfg = tiny_experiment("strategy.name=delta", f"strategy.kinds={kinds}", f"router.name={router}")
+    result = run_experiment(cfg, echo=lambda *_: None)
+    T = len(result.task_names)
+    assert result.oracle_matrix.shape == (T, T) and result.routing_matrix.shape == (T, T)
+    final_routing = result.routing_matrix[-1]
+    assert np.all((0 <= final_routing) & (final_routing <= 1))
+    assert np.isnan(result.routing_matrix[0, 1])  # task 1 is not learnt after task 0: nothing is routed to it
+    assert result.routing_confusion.sum() == cfg.stream.test_per_task * T
+    summary = json.loads((result.output_dir / "summary.json").read_text())["summary"]
+    assert {"acc", "acc_oracle", "routing_acc"} <= set(summary)
+    assert summary["routing_acc"] == pytest.approx(float(np.mean(final_routing)))
+    for name in ("routing_matrix.csv", "routing_matrix.png", "routing_confusion.csv", "routing_confusion.png",
+                 "accuracy_matrix_oracle.csv"):
+        assert (result.output_dir / name).is_file(), name
+    expected_bytes = 0 if router == "entropy" else 1
+    assert all((rec.router_bytes > 0) == bool(expected_bytes) for rec in result.records)
+
+
+def _route_with(monkeypatch, choose):
+    """Replace task inference by ``choose(true task ids [B]) -> routed ids [B]`` (the true ids are read from the
+    evaluation's forward call, which the routed path ignores for routing)."""
+    from continual.models.classifier import ContinualClassifier
+
+    forward, seen = ContinualClassifier.forward, {}
+
+    def remember(self, x, task_labels):
+        if task_labels is not None:
+            seen["ids"] = task_labels if torch.is_tensor(task_labels) else torch.full(
+                (x.shape[0],), int(task_labels), dtype=torch.long, device=x.device)
+        return forward(self, x, task_labels)
+
+    monkeypatch.setattr(ContinualClassifier, "forward", remember)
+    monkeypatch.setattr(ContinualClassifier, "infer_tasks", lambda self, x: choose(seen["ids"].to(x.device)))
+
+
+def test_with_a_perfect_route_routed_accuracy_equals_the_oracle(tiny_experiment, monkeypatch):
+    # A route that names the true task must reproduce the oracle row exactly: the routed path (routed modules and
+    # heads, mapping into the gold label space) adds nothing of its own.
+    from continual.recipes.run import run_experiment
+
+    _route_with(monkeypatch, lambda gold: gold)
+    result = run_experiment(tiny_experiment("strategy.name=delta", "router.name=prototype"), echo=lambda *_: None)
+    np.testing.assert_array_equal(result.matrix, result.oracle_matrix)
+    assert np.all(result.routing_matrix[-1] == 1.0)
+
+
+def test_a_wrong_route_is_wrong_even_when_the_label_index_matches(tiny_experiment, monkeypatch):
+    # SST-2 (negative/positive) and agnews (4 topics) share no label string: routing every sample to the other task
+    # must score 0, not the chance that the other head's label index equals the gold one.
+    from continual.recipes.run import run_experiment
+
+    _route_with(monkeypatch, lambda gold: 1 - gold)
+    result = run_experiment(tiny_experiment("strategy.name=delta", "router.name=prototype"), echo=lambda *_: None)
+    np.testing.assert_array_equal(result.matrix[-1], [0.0, 0.0])
+    np.testing.assert_array_equal(result.routing_matrix[-1], [0.0, 0.0])
+    assert result.oracle_matrix[-1].min() > 0.0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["router.name=psychic"], r"router.name: unknown router 'psychic'; registered: oracle, entropy, keys, prototype"),
+    (["router.name=prototype", "router.shrinkage=lots"], r"router.shrinkage"),
+    (["router.name=prototype", "router.shrinkage=3"], r"shrinkage must be in \[0, 1\]"),
+    (["router.name=prototype"], r"strategy 'full_finetune' keeps no per-task modules"),
+    (["router.name=prototype", "strategy.name=delta", "backbone.head=shared"], r"needs backbone.head=task"),
+    (["router.name=prototype", "strategy.name=delta", "router.layers=[9]"], r"router.layers: \[9\] out of range"),
+])
+def test_bad_router_input_is_named(tiny_experiment, overrides, message):
+    from continual.recipes.run import run_experiment
+
+    with pytest.raises(ConfigError, match=message):
+        run_experiment(tiny_experiment(*overrides), echo=lambda *_: None)
