@@ -1,5 +1,5 @@
 """Command line: ``continual run CONFIG [key=value ...]``, ``continual lm CONFIG [key=value ...]``,
-``continual uptrain [CONFIG] [key=value ...]`` and ``continual list``; each command calls one recipe
+``continual uptrain [CONFIG] [key=value ...]``, ``continual compare CONFIG [key=value ...]`` and ``continual list``; each command calls one recipe
 (``continual.recipes``).
 
 Heavy libraries (torch, Avalanche, MLflow) are imported only by the commands that need them, so ``--help`` and
@@ -15,22 +15,9 @@ import warnings
 from pathlib import Path
 from typing import List, Optional
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
-def _presets() -> List[Path]:
-    return sorted(PRESETS_DIR.rglob("*.yaml")) if PRESETS_DIR.is_dir() else []
-
-
-def resolve_config(name: str) -> Path:
-    """A path, or the name of a preset in configs/ (with or without .yaml)."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    for preset in _presets():
-        if preset.stem == name or preset.relative_to(PRESETS_DIR).with_suffix("").as_posix() == name:
-            return preset
-    return path  # load_config reports the missing file
+from continual.training.experiment import PRESETS_DIR
+from continual.training.experiment import presets as _presets
+from continual.training.experiment import resolve_preset as resolve_config
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -80,6 +67,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from continual.recipes.compare import load_compare_config, run_compare
+
+    cfg = load_compare_config(resolve_config(args.config), overrides=args.overrides)
+    rows = run_compare(cfg, dry_run=args.dry_run, jobs=args.jobs)
+    return 1 if any(row["failed"] for row in rows) else 0
+
+
 def cmd_uptrain(args: argparse.Namespace) -> int:
     from continual.recipes.uptrain import load_uptrain_config, run_uptraining
 
@@ -122,6 +117,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     run.add_argument("config", help="YAML file, or the name of a preset in configs/ (see `continual list`)")
     run.add_argument("overrides", nargs="*", help="e.g. training.lr=1e-4 strategy.name=ewc stream.order=2")
     run.set_defaults(func=cmd_run)
+    compare = sub.add_parser("compare", help="run a grid of presets x orders x seeds and compare them in one table")
+    compare.add_argument("config", help="compare YAML (e.g. configs/compare/standard.yaml) or a preset name")
+    compare.add_argument("overrides", nargs="*", help="e.g. seeds=[0,1] orders=[1] set=[training.device=cuda]")
+    compare.add_argument("--dry-run", action="store_true", help="list the cells and which are done; run nothing")
+    compare.add_argument("--jobs", type=int, default=1, help="cells run at once, as separate processes")
+    compare.set_defaults(func=cmd_compare)
     up = sub.add_parser("uptrain", help="convert a model to a recursive one, uptrain it on text and save it")
     up.add_argument("args", nargs="*", help="[CONFIG.yaml] then key=value overrides, e.g. training.steps=100")
     up.set_defaults(func=cmd_uptrain)

@@ -112,6 +112,8 @@ class TrackingConfig:
     run_name: Optional[str] = None
     # Local folder for the run's artifacts (plots, CSV, summary) besides MLflow.
     output_dir: str = "outputs"
+    # MLflow run id of a parent run (set by `continual compare` for its cells, which appear nested under it).
+    parent_run_id: Optional[str] = None
 
 
 @dataclass
@@ -170,6 +172,19 @@ def read_layers(
     return layers
 
 
+def chosen_name(layers: Sequence[Tuple[str, DictConfig]], node: str, default: str) -> str:
+    """The ``<node>.name`` the layers choose (the last layer that sets it wins), else ``default``.
+
+    A node whose schema depends on its name (``strategy``, ``router``) is typed before the layers are merged.
+    """
+    name = default
+    for _, layer in layers:
+        value = layer.get(node) if isinstance(layer, DictConfig) else None
+        if isinstance(value, DictConfig) and value.get("name") is not None:
+            name = str(value.get("name"))
+    return name
+
+
 def merge_layers(schema: DictConfig, layers: Sequence[Tuple[str, DictConfig]]) -> DictConfig:
     """Merge ``layers`` onto a structured ``schema``; an unknown key or a wrong type names its full key and source."""
     cfg = schema
@@ -209,21 +224,13 @@ def load_experiment_config(
     layers = read_layers(path, overrides, extra)
 
     # The strategy name decides the schema of the `strategy` node, so find it first (last layer wins).
-    name = StrategyConfig.name
-    for _, layer in layers:
-        node = layer.get("strategy") if isinstance(layer, DictConfig) else None
-        if isinstance(node, DictConfig) and node.get("name") is not None:
-            name = str(node.get("name"))
+    name = chosen_name(layers, "strategy", StrategyConfig.name)
     try:
         strategy_cls = strategy_schema(name)
     except KeyError as err:
         raise ConfigError(f"strategy.name: {err.args[0]}") from err
 
-    router = RouterConfig.name
-    for _, layer in layers:
-        node = layer.get("router") if isinstance(layer, DictConfig) else None
-        if isinstance(node, DictConfig) and node.get("name") is not None:
-            router = str(node.get("name"))
+    router = chosen_name(layers, "router", RouterConfig.name)
     router_cls = RouterConfig
     if router != RouterConfig.name:
         try:

@@ -382,3 +382,83 @@ def write_summary_json(result: RunResult, summary: Dict[str, float], path: PathL
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_jsonable(payload), indent=2, allow_nan=False, default=str) + "\n")
     return path
+
+
+def plot_compare(rows: Sequence[Dict[str, Any]], out: PathLike) -> List[Path]:
+    """The comparison's plots (one point, bar, row or curve per run; error bars are standard deviations over cells):
+
+    - ``acc_vs_stored.png``: ACC against stored parameters per task (log scale);
+    - ``bwt.png``: BWT per run;
+    - ``final_accuracy.png``: final accuracy of every run on every task (mean over cells), one heatmap;
+    - ``forgetting_curves.png``: mean accuracy over the tasks seen so far after each task, every run overlaid.
+
+    Args:
+        rows: the rows of ``continual.recipes.compare.summarise``.
+        out: folder to write into.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [r for r in rows if r["cells"]]
+    written: List[Path] = []
+    if not rows:
+        return written
+    names = [r["run"] for r in rows]
+
+    fig = new_figure(6.5, 4.5)
+    ax = fig.add_subplot()
+    for r in rows:
+        x = r["stored_per_task"]
+        if math.isnan(x) or math.isnan(r["acc"]):
+            continue
+        ax.errorbar([x], [100 * r["acc"]], yerr=[100 * r["acc_std"]], fmt="o", capsize=3)
+        ax.annotate(r["run"], (x, 100 * r["acc"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("stored parameters per task (log)")
+    ax.set_ylabel("ACC (%)")
+    ax.set_title("Accuracy against what each task stores")
+    written.append(out / "acc_vs_stored.png")
+    fig.savefig(written[-1], dpi=120)
+
+    fig = new_figure(max(4.0, 1.0 + 0.6 * len(rows)), 3.5)
+    ax = fig.add_subplot()
+    ax.bar(range(len(rows)), [100 * r["bwt"] for r in rows], yerr=[100 * r["bwt_std"] for r in rows], capsize=3)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    _set_step_ticks(ax.set_xticks, names)
+    ax.set_ylabel("BWT (percent points)")
+    ax.set_title("Backward transfer per run")
+    written.append(out / "bwt.png")
+    fig.savefig(written[-1], dpi=120)
+
+    tasks = sorted({t for r in rows for t in r["final_by_task"]})
+    if tasks:
+        import matplotlib
+
+        data = np.ma.masked_invalid(np.array([[100 * r["final_by_task"].get(t, math.nan) for t in tasks] for r in rows]))
+        fig = new_figure(max(4.0, 1.5 + 0.7 * len(tasks)), max(3.0, 1.0 + 0.45 * len(rows)))
+        ax = fig.add_subplot()
+        image = ax.imshow(data, cmap=matplotlib.colormaps["viridis"].with_extremes(bad="white"), vmin=0, vmax=100,
+                          aspect="auto")
+        for i in range(len(rows)):
+            for j in range(len(tasks)):
+                if data.mask is np.ma.nomask or not data.mask[i, j]:
+                    ax.text(j, i, f"{float(data[i, j]):.1f}", ha="center", va="center", fontsize=8,
+                            color="white" if float(data[i, j]) < 60 else "black")
+        _set_step_ticks(ax.set_xticks, tasks)
+        ax.set_yticks(range(len(rows)), labels=names)
+        ax.set_title("Final accuracy per task (%)")
+        fig.colorbar(image, ax=ax, label="percent")
+        written.append(out / "final_accuracy.png")
+        fig.savefig(written[-1], dpi=120)
+
+    fig = new_figure(6.5, 4.0)
+    ax = fig.add_subplot()
+    for r in rows:
+        if r["curve"]:
+            ax.plot(range(1, len(r["curve"]) + 1), [100 * v for v in r["curve"]], marker="o", label=r["run"])
+    ax.set_xlabel("tasks learnt")
+    ax.set_ylabel("mean accuracy over tasks seen (%)")
+    ax.set_title("Forgetting curves")
+    ax.legend(fontsize=7)
+    written.append(out / "forgetting_curves.png")
+    fig.savefig(written[-1], dpi=120)
+    return written

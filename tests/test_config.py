@@ -23,6 +23,10 @@ def _loader(command: str):
         from continual.recipes.lm import load_lm_config
 
         return load_lm_config
+    if command == "compare":
+        from continual.recipes.compare import load_compare_config
+
+        return load_compare_config
     if command == "uptrain":
         from continual.recipes.uptrain import load_uptrain_config
 
@@ -40,6 +44,10 @@ def test_every_preset_opens_with_its_command_and_loads_against_that_schema(path)
     )
     cfg = _loader(parts[2])(path)
     assert OmegaConf.is_readonly(cfg) or parts[2] != "run"
+    if parts[2] == "compare":  # every cell of a compare preset must load too (nothing runs)
+        from continual.recipes.compare import plan_cells
+
+        assert plan_cells(cfg, REPO / "outputs" / "no-such-folder")
 
 
 def test_overrides_apply_and_are_typed():

@@ -41,6 +41,32 @@ def test_a_routed_run_reports_routed_and_oracle_accuracy_and_routing(tiny_experi
     assert all((rec.router_bytes > 0) == bool(expected_bytes) for rec in result.records)
 
 
+def test_soft_mode_with_a_sharp_temperature_answers_as_the_top_task(tiny_experiment):
+    # top_k=2 mixes two tasks' modules and heads; at a vanishing temperature the top task has weight 1, so the answers
+    # are those of the hard route (the same run otherwise).
+    from continual.recipes.run import run_experiment
+
+    common = ("strategy.name=delta", "strategy.kinds=[lora]", "router.name=prototype")
+    hard = run_experiment(tiny_experiment(*common), echo=lambda *_: None)
+    soft = run_experiment(tiny_experiment(*common, "router.top_k=2", "router.temperature=1e-6"), echo=lambda *_: None)
+    np.testing.assert_array_equal(soft.matrix, hard.matrix)
+    np.testing.assert_array_equal(soft.routing_matrix, hard.routing_matrix)
+    mixed = run_experiment(tiny_experiment(*common, "router.top_k=2", "router.temperature=1e6"), echo=lambda *_: None)
+    assert np.isfinite(mixed.matrix).all()
+
+
+@pytest.mark.parametrize("overrides", [
+    ("strategy.name=experts", "strategy.task_conditioned=true", "strategy.experts_per_task=1", "strategy.top_k=1"),
+    ("strategy.name=recursive", "strategy.recursion.num_loops=2"),
+])
+def test_routers_serve_experts_and_recursive_runs(tiny_experiment, overrides):
+    from continual.recipes.run import run_experiment
+
+    result = run_experiment(tiny_experiment(*overrides, "router.name=prototype"), echo=lambda *_: None)
+    assert np.isfinite(result.matrix[-1]).all() and np.isfinite(result.routing_matrix[-1]).all()
+    assert np.isfinite(result.oracle_matrix[-1]).all()
+
+
 def _route_with(monkeypatch, choose):
     """Replace task inference by ``choose(true task ids [B]) -> routed ids [B]`` (the true ids are read from the
     evaluation's forward call, which the routed path ignores for routing)."""

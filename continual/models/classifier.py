@@ -133,6 +133,7 @@ class ContinualClassifier(MultiTaskModule):
         # oracle) in the same run. `routing_log` collects (true task [B], routed task [B]) of routed evaluations.
         self.task_router = None
         self.router_layers: Sequence[int] = ()
+        self.router_top_k, self.router_temperature = 1, 1.0  # soft mode when top_k > 1
         self.route_inferred = True
         self.routing_log: List[tuple] = []
 
@@ -173,11 +174,41 @@ class ContinualClassifier(MultiTaskModule):
         if not torch.is_tensor(task_labels):
             task_labels = torch.full((x.shape[0],), int(task_labels), dtype=torch.long, device=x.device)
         if self.routes_by_inference():
+            if self.router_top_k > 1:
+                return self._soft_routed(x, task_labels)
             routed = self.infer_tasks(x)
             self.routing_log.append((task_labels.detach().cpu(), routed.detach().cpu()))
             logits = self.heads(self._features(x, routed), routed)
             return self.heads.in_gold_space(logits, routed, task_labels.to(routed.device))
         return self.heads(self._features(x, task_labels), task_labels)
+
+    def _soft_routed(self, x: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+        """Soft mode: the top-k tasks' modules act together with the router's weights (one forward through the
+        bank), and each of those tasks' heads answers from the mixed features; their probabilities, mapped into the
+        gold label space, are mixed with the same weights. Logged route: the top task."""
+        from continual.modules.routers import mixing_weights
+
+        scores, candidates = self.task_scores(x)  # [B, K], [K]
+        weights = mixing_weights(scores, self.router_top_k, self.router_temperature)  # [B, K]
+        top = candidates[weights.argmax(1)]
+        self.routing_log.append((gold.detach().cpu(), top.detach().cpu()))
+        n_slots = int(candidates.max()) + 1
+        slot_weights = torch.zeros(x.shape[0], n_slots, device=x.device).index_copy(1, candidates, weights.float())
+        input_ids, attention_mask = x[:, 0], x[:, 1]
+        used = max(int(attention_mask.sum(1).max().item()), 1)
+        with self.bank.route(top, weights=slot_weights):
+            ids, mask, positions, n_virtual = self.bank.prepare_inputs(input_ids[:, :used], attention_mask[:, :used])
+            if n_virtual and not self._takes_position_ids():
+                positions = None
+            features = self.encode(ids, mask, positions, n_virtual)
+        gold = gold.to(x.device)
+        probs = 0.0
+        for k in range(min(self.router_top_k, len(candidates))):
+            chosen = weights.topk(k + 1, dim=1).indices[:, k]  # each sample's k-th task (index into candidates)
+            task = candidates[chosen]
+            mapped = self.heads.in_gold_space(self.heads(features, task), task, gold).exp()
+            probs = probs + weights.gather(1, chosen[:, None]) * mapped
+        return probs.clamp_min(1e-12).log()
 
     # ------------------------------------------------------------------ task inference
     def routes_by_inference(self) -> bool:
@@ -215,17 +246,19 @@ class ContinualClassifier(MultiTaskModule):
         (``reads_candidates``, e.g. ``entropy``) gets every candidate task's logits, computed in one batched
         forward of ``B x K`` samples through the bank (each copy routed to one candidate).
         """
+        scores, ids = self.task_scores(x)
+        return ids[scores.argmax(1)]
+
+    def task_scores(self, x: torch.Tensor) -> tuple:
+        """``([B, K] scores, [K] task ids)`` over the tasks the router has fitted (higher is more likely)."""
         router = self.task_router
-        candidates = sorted(router.tasks)
-        ids = torch.tensor(candidates, dtype=torch.long, device=x.device)
+        ids = torch.tensor(sorted(router.tasks), dtype=torch.long, device=x.device)
         if getattr(router, "reads_candidates", False):
-            k, b = len(candidates), x.shape[0]
+            k, b = len(ids), x.shape[0]
             each = ids.repeat_interleave(b)  # [K*B]: copy c of the batch routed to candidate c
             logits = self.heads(self._features(x.repeat(k, 1, 1), each), each).view(k, b, -1)
-            scores = router.scores_from_logits(logits)  # [B, K]
-        else:
-            scores = router.scores(self.routing_features(x))  # [B, K]
-        return ids[scores.argmax(1)]
+            return router.scores_from_logits(logits), ids  # [B, K]
+        return router.scores(self.routing_features(x)), ids
 
     def _features(self, x: torch.Tensor, task_labels: torch.Tensor | None = None) -> torch.Tensor:
         """Drop the padding columns no sample uses, then encode: [B, 2, L] -> [B, H].

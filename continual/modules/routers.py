@@ -179,7 +179,16 @@ class EntropyRouter:
 
 # ---------------------------------------------------------------------------------------------------- configs
 @dataclass
-class FeatureRouterConfig(RouterConfig):
+class InferringRouterConfig(RouterConfig):
+    # 1: each sample uses its top task's modules and head. k > 1 (soft mode, for simultaneous composition): the
+    # top-k tasks' modules act together with weights softmax(score / temperature) renormalised over the k, and the
+    # answer mixes those tasks' heads' probabilities with the same weights.
+    top_k: int = 1
+    temperature: float = 1.0
+
+
+@dataclass
+class FeatureRouterConfig(InferringRouterConfig):
     # Hidden states the router reads, mean-pooled over tokens and concatenated: indices into the backbone's
     # hidden_states (0 = embeddings, -1 = last layer). Empty: up to three evenly spaced layers ending at the last
     # (MiniLM: 2, 4, 6), which identify tasks far better than the last layer alone.
@@ -199,7 +208,7 @@ class KeysConfig(FeatureRouterConfig):
 
 
 @dataclass
-class EntropyConfig(RouterConfig):
+class EntropyConfig(InferringRouterConfig):
     name: str = "entropy"
 
 
@@ -262,12 +271,25 @@ def build_router(name: str, **options) -> InferringRouter:
     return spec.factory(**options)
 
 
+# Options the classifier applies (which features, how many tasks mix), not arguments of a router's factory.
+MODEL_SIDE_OPTIONS = ("name", "layers", "top_k", "temperature")
+
+
+def mixing_weights(scores: torch.Tensor, top_k: int, temperature: float) -> torch.Tensor:
+    """``[B, K]`` scores -> ``[B, K]`` weights: softmax(score / temperature) over each sample's top ``k`` tasks
+    (renormalised), 0 elsewhere."""
+    k = min(top_k, scores.shape[1])
+    top = scores.topk(k, dim=1)
+    weights = torch.softmax(top.values / temperature, dim=1)
+    return torch.zeros_like(scores, dtype=weights.dtype).scatter(1, top.indices, weights)
+
+
 def router_options(cfg) -> dict:
-    """A router config node -> the keyword arguments of its factory (``name`` and ``layers`` are not the router's)."""
+    """A router config node -> the keyword arguments of its factory (see ``MODEL_SIDE_OPTIONS``)."""
     from omegaconf import OmegaConf
 
     options = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else dict(cfg)
-    return {k: v for k, v in options.items() if k not in ("name", "layers")}
+    return {k: v for k, v in options.items() if k not in MODEL_SIDE_OPTIONS}
 
 
 register_router("prototype", PrototypeRouter, PrototypeConfig)

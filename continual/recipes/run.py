@@ -15,29 +15,13 @@ from typing import Any, Callable, Dict, Optional, Sequence
 import numpy as np
 from omegaconf import DictConfig
 
-from continual.config import flatten, load_experiment_config, to_yaml
+from continual.config import flatten, to_yaml
 from continual.results import RunResult, TaskRecord
+from continual.training.experiment import load_run_config
 
 
-def load_config(
-    path: str | Path | None = None, overrides: Sequence[str] = (), extra: Dict[str, Any] | None = None
-) -> DictConfig:
-    """A YAML preset (optional), a dict and ``key=value`` overrides merged onto the experiment schema and checked,
-    the ``strategy`` node typed by the registered config class of the strategy it names.
-
-    Returns:
-        A resolved, read-only ``DictConfig`` (see :func:`continual.config.load_experiment_config`).
-
-    Raises:
-        ConfigError: unknown key, wrong type, unknown strategy or out-of-range choice, naming the full key path.
-    """
-    from continual.modules.routers import router_spec
-    from strategies.registry import get_strategy_config_class
-
-    return load_experiment_config(
-        path, overrides, extra, strategy_schema=get_strategy_config_class,
-        router_schema=lambda name: router_spec(name).config,
-    )
+# The run's config loader lives in the training kit (the compare recipe loads run configs too); kept here by name.
+load_config = load_run_config
 
 
 def default_names(cfg: DictConfig) -> tuple[str, str]:
@@ -121,6 +105,8 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
         result.eval_seconds = {"routed": 0.0, "oracle": 0.0}
     tags = {"stream": stream.name, "strategy": cfg.strategy.name, "backbone": cfg.backbone.name, "seed": str(cfg.seed),
             "router": cfg.router.name}
+    if cfg.tracking.parent_run_id:  # a cell of `continual compare`: nested under its parent run
+        tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
 
     def evaluate_row(row: Optional[int] = None) -> np.ndarray:
         """Accuracy on every task's test set; with a router, also the oracle row and the routing row of ``row``."""

@@ -56,7 +56,13 @@ def attach_router(model: nn.Module, router, cfg, strategy_name: str):
     bad = [i for i in layers if not -n_states <= i < n_states]
     if bad:
         raise ConfigError(f"router.layers: {bad} out of range for a backbone with {n_states} hidden states")
+    top_k, temperature = int(getattr(cfg, "top_k", 1)), float(getattr(cfg, "temperature", 1.0))
+    if top_k < 1:
+        raise ConfigError(f"router.top_k: must be >= 1, got {top_k}")
+    if temperature <= 0:
+        raise ConfigError(f"router.temperature: must be > 0, got {temperature}")
     model.task_router, model.router_layers = router, [i % n_states for i in layers]
+    model.router_top_k, model.router_temperature = top_k, temperature
     return router
 
 

@@ -1,0 +1,375 @@
+"""The comparison recipe: a grid of runs (preset and overrides) x stream orders x seeds, each cell a normal
+``continual run`` in its own process, summarised as one table with means and spreads, plots and one MLflow parent run.
+
+Run: ``continual compare CONFIG.yaml [key=value ...] [--dry-run] [--jobs N]`` (presets in ``configs/compare/``).
+
+Cells already finished (a ``summary.json`` not marked failed in the cell's folder) are reused, so an interrupted
+grid continues where it stopped; a failed cell is recorded with its error and the others still run. Every cell's
+config is loaded and checked before the first one starts, so a typo fails at once, naming the run and the key.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from continual.config import ConfigError, TrackingConfig, merge_layers, read_layers
+from continual.training.experiment import load_run_config, resolve_preset
+
+
+@dataclass
+class CompareRun:
+    # Display name of the run (a row of the table).
+    name: str = MISSING
+    # Preset (path or name as `continual run` takes it); empty: the compare's `base`.
+    preset: Optional[str] = None
+    # key=value overrides of this run, on top of the preset.
+    overrides: List[str] = field(default_factory=list)
+
+
+@dataclass
+class CompareConfig:
+    # Name of the comparison: its folder under output_dir and its MLflow experiment.
+    name: str = "compare"
+    # Preset every run starts from unless it names its own.
+    base: str = "quickstart"
+    runs: List[CompareRun] = field(default_factory=list)
+    # Named stream for every cell ("standard", "long"); empty: each preset's own.
+    stream: Optional[str] = None
+    orders: List[int] = field(default_factory=lambda: [1])
+    seeds: List[int] = field(default_factory=lambda: [0])
+    # key=value overrides applied to every cell (a budget, a device), before each run's own.
+    set: List[str] = field(default_factory=list)
+    output_dir: str = "outputs/compare"
+    # A markdown file with published numbers (e.g. ../shared/specs/continual_learning.md): its first table under a
+    # line starting "Published" is printed under ours, labelled as not our measurement.
+    references: Optional[str] = None
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def load_compare_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """The compare config, typed and checked (an unknown key or a wrong type names its full key)."""
+    cfg = merge_layers(OmegaConf.structured(CompareConfig), read_layers(path, overrides))
+    if not cfg.runs:
+        raise ConfigError("runs: a comparison needs at least one run")
+    names = [run.name for run in cfg.runs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"runs: names must be unique, got {names}")
+    for key in ("orders", "seeds"):
+        if not cfg[key]:
+            raise ConfigError(f"{key}: give at least one")
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------- cells
+@dataclass
+class Cell:
+    run: str
+    order: int
+    seed: int
+    preset: Path
+    overrides: List[str]
+    status: str = "todo"  # "done" (reused or finished), "failed", "todo"
+    folder: Optional[Path] = None
+    error: str = ""
+    summary: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return f"{self.run}-o{self.order}-s{self.seed}"
+
+
+def plan_cells(cfg: DictConfig, cells_dir: Path) -> List[Cell]:
+    """Every cell of the grid, each config loaded and checked (nothing runs), with its status from the folder.
+
+    Raises:
+        ConfigError: a cell's config is invalid; the message names the run, the order, the seed and the key.
+    """
+    cells = []
+    for run in cfg.runs:
+        preset = resolve_preset(run.preset or cfg.base)
+        for order in cfg.orders:
+            for seed in cfg.seeds:
+                overrides = list(cfg.set) + list(run.overrides) + [f"stream.order={order}", f"seed={seed}"]
+                if cfg.stream:
+                    overrides.insert(0, f"stream.name={cfg.stream}")
+                cell = Cell(run.name, order, seed, preset, overrides)
+                try:
+                    load_run_config(preset, overrides)
+                except ConfigError as err:
+                    raise ConfigError(f"run {run.name!r} (order {order}, seed {seed}, preset {preset}): {err}") from err
+                cell.folder, cell.summary = finished(cells_dir, cell.id)
+                cell.status = "done" if cell.folder is not None else "todo"
+                cells.append(cell)
+    return cells
+
+
+def finished(cells_dir: Path, cell_id: str):
+    """(folder, summary) of the newest finished run of a cell (``<id>``, ``<id>-2``...), or (None, {})."""
+    candidates = [p for p in cells_dir.glob(f"{cell_id}*") if p.name == cell_id or p.name.startswith(f"{cell_id}-")]
+    best = None
+    for folder in candidates:
+        summary_file = folder / "summary.json"
+        suffix = folder.name[len(cell_id):]
+        if not summary_file.is_file() or (suffix and not suffix[1:].isdigit()):
+            continue
+        payload = json.loads(summary_file.read_text())
+        if payload.get("extra", {}).get("failed"):
+            continue
+        rank = int(suffix[1:]) if suffix else 1
+        if best is None or rank > best[0]:
+            best = (rank, folder, payload)
+    return (best[1], best[2]) if best else (None, {})
+
+
+def cell_command(cell: Cell, cfg: DictConfig, cells_root: Path, parent_run_id: Optional[str]) -> List[str]:
+    tracking = [f"tracking.enabled={str(cfg.tracking.enabled).lower()}"]
+    if cfg.tracking.uri:
+        tracking.append(f"tracking.uri={cfg.tracking.uri}")
+    if parent_run_id:
+        tracking.append(f"tracking.parent_run_id={parent_run_id}")
+    return [sys.executable, "-m", "continual", "run", str(cell.preset), *cell.overrides,
+            f"tracking.output_dir={cells_root}", f"tracking.experiment={cfg.name}", f"tracking.run_name={cell.id}",
+            "training.progress=false", *tracking]
+
+
+def run_cells(todo: List[Cell], cfg: DictConfig, cells_root: Path, parent_run_id: Optional[str], jobs: int,
+              echo: Callable[[str], None]) -> None:
+    """Run the cells, ``jobs`` processes at a time, CPU threads split between them (one GPU each, round robin)."""
+    from tqdm.auto import tqdm
+
+    cells_dir = cells_root / cfg.name
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    gpus = _gpu_count()
+    pending, running = list(todo), []
+    bar = tqdm(total=len(todo), desc="cells", unit="cell")
+    slot = 0
+    while pending or running:
+        while pending and len(running) < jobs:
+            cell = pending.pop(0)
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+            if gpus and jobs > 1:
+                env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+            slot += 1
+            log = (cells_dir / f"{cell.id}.log").open("w")
+            process = subprocess.Popen(cell_command(cell, cfg, cells_root, parent_run_id), stdout=log,
+                                       stderr=subprocess.STDOUT, env=env)
+            running.append((cell, process, log, time.perf_counter()))
+        time.sleep(0.2)
+        for item in list(running):
+            cell, process, log, started = item
+            if process.poll() is None:
+                continue
+            running.remove(item)
+            log.close()
+            cell.folder, cell.summary = finished(cells_dir, cell.id)
+            if process.returncode == 0 and cell.folder is not None:
+                cell.status = "done"
+            else:
+                lines = (cells_dir / f"{cell.id}.log").read_text().strip().splitlines()
+                cell.status, cell.error = "failed", (lines[-1] if lines else f"exit status {process.returncode}")
+            bar.update(1)
+            echo(f"  {cell.id}: {cell.status} in {time.perf_counter() - started:.0f} s" + (
+                f" ({cell.error})" if cell.error else ""))
+    bar.close()
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # no torch build with CUDA: CPU cells
+        return 0
+
+
+# ---------------------------------------------------------------------------------------------------- table
+METRICS = ("acc", "bwt", "fwt", "forgetting", "acc_oracle", "routing_acc")
+
+
+def cell_numbers(cell: Cell) -> Dict[str, Any]:
+    """What the table needs from one finished cell's summary.json."""
+    summary, result = cell.summary.get("summary", {}), cell.summary.get("result", {})
+    records = result.get("records", [])
+    matrix = np.array([[np.nan if v is None else v for v in row] for row in result.get("matrix", [])], dtype=float)
+    first = records[0] if records else {}
+    return {
+        **{k: summary.get(k) for k in METRICS},
+        "trained_per_task": float(np.mean([r["trainable_parameters"] for r in records])) if records else math.nan,
+        "stored_end": records[-1]["stored_parameters"] if records else math.nan,
+        "stored_first": first.get("stored_parameters", math.nan),
+        "stored_bytes": sum(r.get("stored_bytes", 0) + r.get("router_bytes", 0) for r in records),
+        "wall_s": sum(r["wall_time_s"] for r in records),
+        "peak_mb": max((r["peak_memory_mb"] for r in records), default=math.nan),
+        "tasks": result.get("task_names", []),
+        "matrix": matrix,
+    }
+
+
+def _mean_std(values: List[Optional[float]]):
+    data = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not data:
+        return math.nan, math.nan
+    return float(np.mean(data)), float(np.std(data, ddof=1)) if len(data) > 1 else 0.0
+
+
+def summarise(cells: List[Cell], runs: Sequence[str]) -> List[Dict[str, Any]]:
+    """One row per run: mean and standard deviation over its finished cells, counts of cells and failures."""
+    rows = []
+    for run in runs:
+        mine = [c for c in cells if c.run == run]
+        done = [cell_numbers(c) for c in mine if c.status == "done"]
+        row: Dict[str, Any] = {"run": run, "cells": len(done), "failed": sum(c.status == "failed" for c in mine),
+                               "errors": sorted({c.error for c in mine if c.error})}
+        for key in METRICS + ("trained_per_task", "stored_end", "stored_bytes", "wall_s", "peak_mb"):
+            row[key], row[f"{key}_std"] = _mean_std([d[key] for d in done])
+        n_tasks = max((len(d["tasks"]) for d in done), default=0)
+        row["stored_per_task"] = row["stored_end"] / n_tasks if n_tasks else math.nan
+        row["final_by_task"] = _final_by_task(done)
+        row["curve"] = _seen_curve(done)
+        rows.append(row)
+    return rows
+
+
+def _final_by_task(done: List[Dict]) -> Dict[str, float]:
+    """Mean final accuracy per task name over the cells (orders put tasks in other columns)."""
+    values: Dict[str, List[float]] = {}
+    for d in done:
+        final = [row for row in d["matrix"] if not np.isnan(row).all()]
+        if final:
+            for name, v in zip(d["tasks"], final[-1]):
+                values.setdefault(name, []).append(float(v))
+    return {name: float(np.mean(v)) for name, v in values.items()}
+
+
+def _seen_curve(done: List[Dict]) -> List[float]:
+    """After each task: mean accuracy over the tasks seen so far, averaged over cells (NaN where not evaluated)."""
+    curves = []
+    for d in done:
+        m = d["matrix"]
+        curves.append([float(np.nanmean(m[i, : i + 1])) if not np.isnan(m[i, : i + 1]).all() else math.nan
+                       for i in range(m.shape[0])])
+    if not curves:
+        return []
+    width = max(len(c) for c in curves)
+    padded = np.array([c + [math.nan] * (width - len(c)) for c in curves])
+    return [float(np.nanmean(col)) if not np.isnan(col).all() else math.nan for col in padded.T]
+
+
+def _pp(mean: float, std: float) -> str:
+    return "-" if math.isnan(mean) else f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def _count(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:,.0f}"
+
+
+def format_compare(rows: List[Dict[str, Any]], cfg: DictConfig) -> str:
+    """The comparison as a markdown table (percent points; mean ± standard deviation over orders x seeds)."""
+    routed = any(not math.isnan(r["routing_acc"]) for r in rows)
+    head = ["run", "cells", "ACC", "BWT", "FWT", "forgetting"] + (["ACC task id given", "routing acc"] if routed else [])
+    head += ["trained params / task", "stored params / task", "stored bytes", "wall s / cell", "peak MB"]
+    lines = [f"Comparison {cfg.name!r}: orders {list(cfg.orders)} x seeds {list(cfg.seeds)}; "
+             "mean ± standard deviation over cells, accuracies in percent points.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = f"{r['cells']}" + (f" ({r['failed']} failed)" if r["failed"] else "")
+        values = [r["run"], cells] + [_pp(r[k], r[f"{k}_std"]) for k in ("acc", "bwt", "fwt", "forgetting")]
+        if routed:
+            values += [_pp(r["acc_oracle"], r["acc_oracle_std"]), _pp(r["routing_acc"], r["routing_acc_std"])]
+        values += [_count(r["trained_per_task"]), _count(r["stored_per_task"]), _count(r["stored_bytes"]),
+                   "-" if math.isnan(r["wall_s"]) else f"{r['wall_s']:.0f}", _count(r["peak_mb"])]
+        lines.append("| " + " | ".join(values) + " |")
+    errors = [f"- {r['run']}: {e}" for r in rows for e in r["errors"]]
+    if errors:
+        lines += ["", "Failed cells:"] + errors
+    return "\n".join(lines)
+
+
+def published_block(path: Optional[str]) -> str:
+    """The first markdown table under a line starting "Published" in ``path``, labelled as not our measurement."""
+    if not path or not Path(path).is_file():
+        return ""
+    lines = Path(path).read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("Published"):
+            table, started = [], False
+            for row in lines[i + 1:]:
+                if row.startswith("|"):
+                    table.append(row)
+                    started = True
+                elif started:
+                    break
+            return "\n".join([f"Published reference numbers (not our measurements; from {path}): {line}", ""] + table)
+    return ""
+
+
+def save_compare(rows: List[Dict[str, Any]], cells: List[Cell], cfg: DictConfig, out: Path) -> List[Path]:
+    """compare.md, compare.csv, cells.json and the plots; returns the paths written."""
+    import csv
+
+    from continual.report import plot_compare
+
+    out.mkdir(parents=True, exist_ok=True)
+    text = format_compare(rows, cfg)
+    block = published_block(cfg.references)
+    (out / "compare.md").write_text(text + ("\n\n" + block if block else "") + "\n")
+    keys = ["run", "cells", "failed"] + [k for k in rows[0] if k not in ("run", "cells", "failed", "errors",
+                                                                          "final_by_task", "curve")]
+    with (out / "compare.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(keys)
+        for r in rows:
+            writer.writerow([r[k] for k in keys])
+    (out / "cells.json").write_text(json.dumps([
+        {"id": c.id, "run": c.run, "order": c.order, "seed": c.seed, "status": c.status, "error": c.error,
+         "folder": str(c.folder) if c.folder else None, "overrides": c.overrides} for c in cells], indent=2) + "\n")
+    return [out / "compare.md", out / "compare.csv", out / "cells.json"] + plot_compare(rows, out)
+
+
+# ---------------------------------------------------------------------------------------------------- recipe
+def run_compare(cfg: DictConfig, dry_run: bool = False, jobs: int = 1,
+                echo: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+    """Plan, run (or reuse) every cell, then write and print the comparison; returns the table's rows."""
+    from continual.tracking import ExperimentTracker
+
+    if jobs < 1:
+        raise ConfigError(f"--jobs: must be >= 1, got {jobs}")
+    out = Path(cfg.output_dir) / cfg.name
+    cells_root = out / "cells"
+    cells = plan_cells(cfg, cells_root / cfg.name)
+    todo = [c for c in cells if c.status != "done"]
+    echo(f"compare {cfg.name!r}: {len(cells)} cells ({len(cells) - len(todo)} done, {len(todo)} to run) -> {out}")
+    if dry_run:
+        for cell in cells:
+            echo(f"  {cell.id:40s} {cell.status:5s} {cell.folder or ''}")
+        return []
+    with ExperimentTracker(cfg.name, f"compare-{cfg.name}", uri=cfg.tracking.uri, enabled=cfg.tracking.enabled,
+                           tags={"kind": "compare"}) as tracker:
+        tracker.log_params({"runs": ",".join(r.name for r in cfg.runs), "orders": list(cfg.orders),
+                            "seeds": list(cfg.seeds), "set": list(cfg.set)})
+        if todo:
+            run_cells(todo, cfg, cells_root, tracker.run_id, jobs, echo)
+        rows = summarise(cells, [r.name for r in cfg.runs])
+        for path in save_compare(rows, cells, cfg, out):
+            tracker.log_artifact(path)
+        for r in rows:
+            tracker.log_metrics({f"{r['run']}/{k}": r[k] for k in METRICS if not math.isnan(r[k])})
+    echo(format_compare(rows, cfg))
+    block = published_block(cfg.references)
+    if block:
+        echo("\n" + block)
+    echo(f"artifacts: {out}")
+    return rows

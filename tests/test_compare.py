@@ -1,0 +1,78 @@
+"""`continual compare`: a grid of tiny runs in subprocesses, aggregated, reused on a rerun, failures recorded, bad
+input caught before any cell runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from continual.config import ConfigError
+from continual.recipes.compare import load_compare_config, run_compare
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def grid(tmp_path, cl_root, tiny_backbone):
+    base = {
+        "stream": {"name": "custom", "tasks": ["SST-2", "agnews"], "data_root": str(cl_root), "train_per_class": 4,
+                   "test_per_task": 12, "max_length": 24, "cache_dir": str(tmp_path / "cache")},
+        "backbone": tiny_backbone,
+        "training": {"epochs": 1, "batch_size": 8, "lr": 1e-3},
+        "tracking": {"enabled": False},
+    }
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text("# continual run tiny.yaml\n# A tiny run.\n" + yaml.safe_dump(base))
+
+    def make(runs, **extra):
+        cfg = {"name": "tiny", "base": str(preset), "orders": [1], "seeds": [0, 1], "runs": runs,
+               "output_dir": str(tmp_path / "outputs"), "tracking": {"enabled": False}, **extra}
+        path = tmp_path / "compare.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return load_compare_config(path)
+
+    return make
+
+
+def test_a_grid_runs_aggregates_and_is_reused(grid, tmp_path):
+    cfg = grid([{"name": "full"}, {"name": "lora", "overrides": ["strategy.name=delta", "strategy.kinds=[lora]"]},
+                {"name": "diverges", "overrides": ["training.lr=1e30", "training.max_grad_norm=0"]}])
+    lines = []
+    rows = run_compare(cfg, echo=lines.append)
+    by_run = {r["run"]: r for r in rows}
+    assert by_run["full"]["cells"] == 2 and by_run["lora"]["cells"] == 2
+    assert 0.0 <= by_run["lora"]["acc"] <= 1.0 and by_run["lora"]["acc_std"] >= 0.0
+    assert by_run["lora"]["bwt"] == 0.0  # isolated modules: nothing forgotten, in every cell
+    assert by_run["diverges"]["failed"] == 2 and by_run["diverges"]["cells"] == 0
+    assert any("loss became" in e for e in by_run["diverges"]["errors"])
+    out = tmp_path / "outputs" / "tiny"
+    for name in ("compare.md", "compare.csv", "cells.json", "acc_vs_stored.png", "bwt.png", "final_accuracy.png",
+                 "forgetting_curves.png"):
+        assert (out / name).is_file(), name
+    table = (out / "compare.md").read_text()
+    assert "| lora | 2 |" in table and "diverges" in table and "Failed cells" in table
+
+    # Rerun: the finished cells are reused (nothing of theirs runs again), the failed ones are tried again.
+    again = []
+    rows = run_compare(cfg, echo=again.append)
+    assert again[0].startswith("compare 'tiny': 6 cells (4 done, 2 to run)")
+    assert {r["run"]: r["acc"] for r in rows if r["cells"]} == {r["run"]: r["acc"] for r in by_run.values() if r["cells"]}
+    dry = []
+    run_compare(cfg, dry_run=True, echo=dry.append)
+    assert sum(" done " in line for line in dry) == 4
+    status = {c["id"]: c["status"] for c in json.loads((out / "cells.json").read_text())}
+    assert status["lora-o1-s0"] == "done" and status["diverges-o1-s1"] == "failed"
+
+
+def test_bad_input_fails_before_any_cell_runs(grid, tmp_path):
+    with pytest.raises(ConfigError, match=r"run 'typo' \(order 1, seed 0.*training.lrr"):
+        run_compare(grid([{"name": "ok"}, {"name": "typo", "overrides": ["training.lrr=1"]}]), echo=lambda *_: None)
+    with pytest.raises(ConfigError, match=r"run 'nope'.*config file not found"):
+        run_compare(grid([{"name": "nope", "preset": "no/such/preset.yaml"}]), echo=lambda *_: None)
+    with pytest.raises(ConfigError, match=r"run 'bad'.*strategy.name: unknown strategy 'magic'"):
+        run_compare(grid([{"name": "bad", "overrides": ["strategy.name=magic"]}]), echo=lambda *_: None)
+    assert not (tmp_path / "outputs" / "tiny" / "cells").exists()
+    with pytest.raises(ConfigError, match="runs: names must be unique"):
+        grid([{"name": "a"}, {"name": "a"}])
