@@ -224,19 +224,20 @@ def plot_routing_confusion(counts: np.ndarray, names: Sequence[str], path: PathL
                 writer.writerow([name] + [int(v) for v in row])
     share = 100.0 * counts / np.maximum(counts.sum(1, keepdims=True), 1)
     n = len(names)
-    fig = new_figure(max(4.0, 1.5 + 0.6 * n), max(3.0, 1.0 + 0.5 * n))
+    fig = new_figure(max(5.0, 1.5 + 0.6 * n), max(3.5, 1.0 + 0.5 * n))
     ax = fig.add_subplot()
     image = ax.imshow(share, cmap=matplotlib.colormaps["magma_r"], vmin=0.0, vmax=100.0, aspect="auto")
     for i in range(n):
         for j in range(n):
             if counts[i, j]:
-                ax.text(j, i, f"{share[i, j]:.0f}", ha="center", va="center", fontsize=8 if n > 8 else 10,
+                text = f"{share[i, j]:.0f}" if float(share[i, j]).is_integer() else f"{share[i, j]:.1f}"
+                ax.text(j, i, text, ha="center", va="center", fontsize=8 if n > 8 else 10,
                         color="white" if share[i, j] > 60.0 else "black")
     _set_step_ticks(ax.set_xticks, list(names))
     ax.set_yticks(range(n), labels=list(names))
     ax.set_xlabel("routed to task")
     ax.set_ylabel("true task")
-    ax.set_title("Routing confusion (% of each task's test samples)")
+    ax.set_title("Routing confusion (% of row)")
     fig.colorbar(image, ax=ax, label="percent")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
