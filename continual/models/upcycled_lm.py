@@ -13,7 +13,8 @@ as the ``ExpandableLM`` interface of ``continual.lm``:
 - :meth:`~UpcycledExpertsLM.expert_layers` returns each site's :class:`~continual.modules.experts.ExpertPool`,
   so usage counting, group slices and router rows read exactly as for a native ModuleFormer;
 - routing is the bank's ``simultaneous`` composition: every token chooses its top-k over the shared experts and the
-  switched-on experts of every group, with no domain id (the same question a native ModuleFormer answers).
+  switched-on experts of every group, with no domain id (the same question a native ModuleFormer answers); or, with
+  ``expert_groups``, over the groups each sample is allowed (the bank's per-sample slot weights).
 """
 
 from __future__ import annotations
@@ -133,14 +134,31 @@ class UpcycledExpertsLM(nn.Module):
             pool.reset_usage()
 
     # ------------------------------------------------------------------ forward
-    def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None, **kwargs):
+    def forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                expert_groups: Optional[torch.Tensor] = None, **kwargs):
         """The LM's output for ``input_ids [B, T]`` (or ``inputs_embeds``), with ``concentration_loss`` and
-        ``mi_loss`` set (scalars, or None when no site routed)."""
+        ``mi_loss`` set (scalars, or None when no site routed).
+
+        Args:
+            expert_groups: ``[B, G]`` bool, the groups each sample's tokens may route to (task-conditioned routing:
+                the bank's per-sample slot weights are its slot columns); column :data:`SHARED_GROUP` must be true,
+                the dense FFN always acts. A sample allowed no slot's group gets the dense LM exactly. None: every
+                group (token-level routing with no domain id).
+        """
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if ref is None:
             raise ValueError("pass input_ids or inputs_embeds")
-        # The composition is simultaneous, so the ids only size the batch: every sample may use every group.
-        with self.bank.route(torch.zeros(ref.shape[0], dtype=torch.long, device=ref.device)):
+        weights = None
+        if expert_groups is not None:
+            if expert_groups.dim() != 2 or expert_groups.shape[0] != ref.shape[0]:
+                raise ValueError(
+                    f"expert_groups must have shape [B={ref.shape[0]}, G], got {tuple(expert_groups.shape)}")
+            if not bool(expert_groups[:, SHARED_GROUP].all()):
+                raise ValueError(f"expert_groups: group {SHARED_GROUP} is the dense FFN itself and always acts")
+            weights = expert_groups[:, group_of_slot(0):].float()  # [B, K] slot weights: which slots may act
+        # The composition is simultaneous, so the ids only size the batch: every sample may use every group unless
+        # its slot weights say otherwise.
+        with self.bank.route(torch.zeros(ref.shape[0], dtype=torch.long, device=ref.device), weights):
             out = self.lm(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         losses = routing_losses(expert_deltas(self.bank).values())
         out.mi_loss, out.concentration_loss = losses if losses is not None else (None, None)

@@ -69,10 +69,15 @@ class ModuleFormerBlock(nn.Module):
         )
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, h: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """h: [B, T, d]; attention_mask: [B, T] (1 = token, 0 = padding) or None -> [B, T, d]."""
-        h = h + self.dropout(self.attn(self.ln_attn(h), attention_mask))
-        return h + self.dropout(self.ffn(self.ln_ffn(h), token_mask=attention_mask))
+    def forward(self, h: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                expert_groups: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """h: [B, T, d]; attention_mask: [B, T] (1 = token, 0 = padding) or None; expert_groups: [B, G] bool groups
+        each sample may route to, or None (every group) -> [B, T, d]."""
+        att_mask = ffn_mask = None
+        if expert_groups is not None:
+            att_mask, ffn_mask = self.attn.group_expert_mask(expert_groups), self.ffn.group_expert_mask(expert_groups)
+        h = h + self.dropout(self.attn(self.ln_attn(h), attention_mask, expert_mask=att_mask))
+        return h + self.dropout(self.ffn(self.ln_ffn(h), expert_mask=ffn_mask, token_mask=attention_mask))
 
 
 class ModuleFormerPreTrainedModel(PreTrainedModel):
@@ -204,6 +209,7 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         past_key_values=None,
+        expert_groups: Optional[torch.Tensor] = None,
         **kwargs,
     ) -> BaseModelOutput:
         """Hidden states of every token.
@@ -215,6 +221,8 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
             return_dict: False returns a tuple instead of the output object.
             past_key_values: must be None (there is no cache); other keyword arguments from ``generate()``
                 (``use_cache``, ``position_ids``, ...) are accepted and ignored.
+            expert_groups: ``[B, G]`` bool, the expert groups each sample's tokens may route to in every expert
+                layer (task-conditioned routing, e.g. the shared group and one domain's); None: every group.
 
         Returns:
             ``BaseModelOutput`` with ``last_hidden_state [B, T, d]``.
@@ -233,7 +241,7 @@ class ModuleFormerModel(ModuleFormerPreTrainedModel):
         h = self.dropout(h)
         hidden_states = [h] if output_hidden_states else None
         for block in self.blocks:
-            h = block(h, attention_mask)
+            h = block(h, attention_mask, expert_groups)
             if hidden_states is not None:
                 hidden_states.append(h)
         h = self.norm(h)
@@ -274,6 +282,7 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
         labels: Optional[torch.LongTensor] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        expert_groups: Optional[torch.Tensor] = None,
         **kwargs,
     ) -> ModuleFormerCausalLMOutput:
         """Next-token logits, and the losses.
@@ -284,6 +293,8 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
                 routing losses.
             labels: ``[B, T]`` targets (usually ``input_ids``; shifted inside); -100 is ignored.
             output_hidden_states: also return every block's output.
+            expert_groups: ``[B, G]`` bool, the expert groups each sample may route to (see
+                :meth:`ModuleFormerModel.forward`); None: every group.
 
         Returns:
             :class:`ModuleFormerCausalLMOutput` (``loss`` only with labels; the routing losses always); its
@@ -291,7 +302,7 @@ class ModuleFormerForCausalLM(ModuleFormerPreTrainedModel, GenerationMixin):
         """
         out = self.transformer(
             input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-            output_hidden_states=output_hidden_states, return_dict=True, **kwargs,
+            output_hidden_states=output_hidden_states, return_dict=True, expert_groups=expert_groups, **kwargs,
         )
         logits = self.lm_head(out.last_hidden_state)
         mi, concentration = self.routing_losses()

@@ -359,6 +359,23 @@ class ExpertPool(nn.Module):
         """``[E]`` bool: experts that can be selected."""
         return torch.cat([g.enabled for g in self.groups])
 
+    def group_expert_mask(self, groups: torch.Tensor) -> torch.Tensor:
+        """Per-sample allowed groups -> per-sample allowed experts, the ``expert_mask`` of :meth:`route`.
+
+        Task-conditioned routing through the pool's own gate: a sample's tokens choose their top-k among the experts
+        of its allowed groups only (the others get probability 0), so no second router is needed.
+
+        Args:
+            groups: ``[B, G]`` bool, ``G`` = :attr:`n_groups`: the groups each sample may route to.
+
+        Returns:
+            ``[B, E]`` bool (switched-off experts stay unselectable whatever the mask says).
+        """
+        if groups.dim() != 2 or groups.shape[1] != self.n_groups:
+            raise ValueError(f"allowed groups must have shape [B, {self.n_groups}], got {tuple(groups.shape)}")
+        sizes = torch.tensor(self.group_sizes, device=groups.device)
+        return groups.bool().repeat_interleave(sizes, dim=1)
+
     def set_top_k(self, k: int, allow_fewer_enabled: bool = False) -> None:
         """Route every token to its ``k`` most probable experts.
 

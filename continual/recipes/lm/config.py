@@ -6,14 +6,15 @@ Run: ``continual lm CONFIG.yaml [key=value ...]`` (presets in ``configs/lm/``).
 
 from __future__ import annotations
 
+import functools
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from continual.config import ConfigError, TrackingConfig, merge_layers, read_layers
+from continual.config import ConfigError, RouterConfig, TrackingConfig, chosen_name, merge_layers, read_layers
 from continual.modules.experts import GATES, UPCYCLING
 from continual.training import TextDataConfig
 
@@ -21,6 +22,8 @@ MODEL_KINDS = ("moduleformer", "causal_lm")
 MODES = ("experts", "dense")
 ROUTER_TRAINING = ("new", "all")
 BYTE_TOKENIZER = "byte"
+# router.name values of the LM recipe itself; any other name is a registered feature router (continual.modules.routers).
+ROUTER_NONE, ROUTER_ORACLE = "none", "oracle"
 
 
 @dataclass
@@ -107,6 +110,59 @@ class LMExpansionConfig:
 
 
 @dataclass
+class LMRouterConfig(RouterConfig):
+    """Which expert groups the tokens of a sequence may route to (experts mode); see ``continual.recipes.lm.routing``.
+
+    - ``none`` (the default, the extendability setting as published): every token chooses its top-k over the shared
+      experts and every domain's, ungated, with no domain id.
+    - ``oracle``: each sequence routes to the shared group(s) and its own domain's group only, the domain id given
+      in training and at evaluation (the bound a domain router can reach).
+    - a registered feature router (``prototype``, ``keys``; ``continual list``): the same restriction, the domain id
+      given while a domain trains and inferred from each held-back sequence's text at evaluation.
+    """
+
+    name: str = ROUTER_NONE
+
+
+@dataclass
+class LMFeatureRouterOptions(LMRouterConfig):
+    """What the LM recipe adds to a feature router's own options (its typed config, e.g. ``PrototypeConfig``)."""
+
+    # Training blocks of each domain the router's statistics are fitted on after the domain is learnt (the first
+    # ones: a seeded sample of its sentences); null: every training block.
+    fit_blocks: Optional[int] = 256
+
+
+@functools.lru_cache(maxsize=None)
+def _feature_router_schema(config: type) -> type:
+    return make_dataclass(f"LM{config.__name__}", [], bases=(config, LMFeatureRouterOptions))
+
+
+def lm_router_names() -> List[str]:
+    """The ``router.name`` values ``continual lm`` takes: ``none``, ``oracle`` and every registered feature router."""
+    from continual.modules.routers import router_names, router_spec
+
+    names = [n for n in router_names() if n != ROUTER_ORACLE and router_spec(n).needs_features]
+    return [ROUTER_NONE, ROUTER_ORACLE] + names
+
+
+def lm_router_schema(name: str) -> type:
+    """The typed schema of the ``router`` node for ``router.name=name``.
+
+    Raises:
+        KeyError: a name ``continual lm`` cannot route with, listing the ones it can.
+    """
+    if name in (ROUTER_NONE, ROUTER_ORACLE):
+        return LMRouterConfig
+    from continual.modules.routers import router_spec
+
+    if name in lm_router_names():
+        return _feature_router_schema(router_spec(name).config)
+    raise KeyError(f"{name!r} is not a router continual lm can use (a domain is inferred from hidden-state features "
+                   f"of the sequence); one of {lm_router_names()}")
+
+
+@dataclass
 class LMTrainingConfig:
     # Optimizer steps per domain.
     steps_per_domain: int = 200
@@ -141,6 +197,8 @@ class LMConfig:
     pretrain: LMPretrainConfig = field(default_factory=LMPretrainConfig)
     expansion: LMExpansionConfig = field(default_factory=LMExpansionConfig)
     training: LMTrainingConfig = field(default_factory=LMTrainingConfig)
+    # Typed by router.name: LMRouterConfig for none/oracle, else the feature router's options + fit_blocks.
+    router: LMRouterConfig = field(default_factory=LMRouterConfig)
     tracking: TrackingConfig = field(default_factory=lambda: TrackingConfig(output_dir="outputs/lm"))
     seed: int = 0
 
@@ -156,7 +214,13 @@ def load_lm_config(
     Raises:
         ConfigError: unknown key, wrong type or out-of-range value, naming the full key path.
     """
-    cfg = merge_layers(OmegaConf.structured(LMConfig), read_layers(path, overrides, extra))
+    layers = read_layers(path, overrides, extra)
+    schema = OmegaConf.structured(LMConfig)
+    try:  # the router's name decides its node's schema, so find it before merging
+        schema.router = OmegaConf.structured(lm_router_schema(chosen_name(layers, "router", ROUTER_NONE)))
+    except KeyError as err:
+        raise ConfigError(f"router.name: {err.args[0]}") from None
+    cfg = merge_layers(schema, layers)
     _check(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
@@ -202,8 +266,48 @@ def _check(cfg: DictConfig) -> None:
     for key, ok, need in checks:
         if not ok:
             raise ConfigError(f"{key}: must be {need}, got {OmegaConf.select(cfg, key)!r}")
+    _check_router(cfg)
     if cfg.model.kind == "moduleformer":
         _check_moduleformer_overrides(cfg.model.size, OmegaConf.to_container(cfg.model.config_overrides))
+
+
+def _check_router(cfg: DictConfig) -> None:
+    """The router's options, and what it needs of the rest of the config; builds the router once to check its own."""
+    r = cfg.router
+    if r.name == ROUTER_NONE:
+        return
+    if cfg.expansion.mode != "experts":
+        raise ConfigError(f"router.name: {r.name} routes each sequence to its domain's experts and needs "
+                          f"expansion.mode=experts, got {cfg.expansion.mode!r}")
+    if r.name == ROUTER_ORACLE:
+        return
+    if cfg.expansion.train_router != "new":
+        raise ConfigError(f"expansion.train_router: must be 'new' with router.name={r.name}: 'all' trains the routers' "
+                          "shared layers, so the shared part's hidden states the domain statistics were fitted on "
+                          "would move after they are frozen")
+    checks = [
+        ("router.top_k", getattr(r, "top_k", 1) >= 1, ">= 1"),
+        ("router.temperature", getattr(r, "temperature", 1.0) == 1.0,
+         "1.0: continual lm does not weigh domains (a sequence may use the union of its top_k domains' groups, and "
+         "the expert gate weighs the experts)"),
+        ("router.fit_blocks", r.fit_blocks is None or r.fit_blocks >= 1, ">= 1 or null"),
+    ]
+    for key, ok, need in checks:
+        if not ok:
+            raise ConfigError(f"{key}: must be {need}, got {OmegaConf.select(cfg, key)!r}")
+    from continual.modules.routers import build_router
+
+    try:
+        build_router(r.name, **lm_router_options(r))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"router: {err}") from None
+
+
+def lm_router_options(node) -> Dict[str, Any]:
+    """A feature router's ``router`` node -> its factory's keyword arguments (what the recipe applies left out)."""
+    from continual.modules.routers import router_options
+
+    return {k: v for k, v in router_options(node).items() if k not in ("fit_blocks",)}
 
 
 def _check_moduleformer_overrides(size: str, overrides: Dict[str, Any]) -> None:

@@ -25,7 +25,11 @@ _EXPERTS_HINT = ("use a ModuleFormer (model.kind=moduleformer, or a saved Module
 
 @runtime_checkable
 class ExpandableLM(Protocol):
-    """A causal LM that can grow groups of routed experts (``ModuleFormerForCausalLM``, ``UpcycledExpertsLM``)."""
+    """A causal LM that can grow groups of routed experts (``ModuleFormerForCausalLM``, ``UpcycledExpertsLM``).
+
+    Its forward also takes ``expert_groups``, ``[B, G]`` bool: the groups each sample's tokens may route to (a domain
+    router's restriction, :mod:`continual.recipes.lm.routing`); None routes over every group.
+    """
 
     def add_experts(self, n: int, n_att: int = 0, enabled: bool = True) -> int: ...
 

@@ -4,6 +4,8 @@ routed model (ModuleFormer's mutual-information loss and load concentration loss
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -27,10 +29,20 @@ def training_objective(out, input_ids: torch.Tensor, mi_coef: float, concentrati
     return loss
 
 
-def block_objective(mi_coef: float, concentration_coef: float) -> BlockLoss:
-    """:func:`training_objective` with these weights as a ``loss(model, input_ids [B, T])`` for the training loop."""
+def block_objective(mi_coef: float, concentration_coef: float,
+                    expert_groups: Optional[torch.Tensor] = None) -> BlockLoss:
+    """:func:`training_objective` with these weights as a ``loss(model, input_ids [B, T])`` for the training loop.
+
+    Args:
+        expert_groups: ``[G]`` bool, the expert groups every block may route to (a domain's own and the shared ones,
+            while the domain trains under a domain router); None: the model routes as it is (every group).
+    """
 
     def loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-        return training_objective(model(input_ids=input_ids), input_ids, mi_coef, concentration_coef)
+        if expert_groups is None:
+            return training_objective(model(input_ids=input_ids), input_ids, mi_coef, concentration_coef)
+        groups = expert_groups.to(input_ids.device)[None].expand(input_ids.shape[0], -1)
+        out = model(input_ids=input_ids, expert_groups=groups)
+        return training_objective(out, input_ids, mi_coef, concentration_coef)
 
     return loss

@@ -30,6 +30,47 @@ def plasticity(matrix: np.ndarray) -> np.ndarray:
     return np.diag(np.asarray(matrix, dtype=float)).copy()
 
 
+def own_group_share(group_share: np.ndarray, domain_groups: Sequence[Optional[int]]) -> np.ndarray:
+    """How much of each domain's routing to domain experts reaches its own group.
+
+    Args:
+        group_share: ``[D, G]`` share of domain ``j``'s held-back token-to-expert selections that went to group ``g``.
+        domain_groups: the group each learnt domain added, in domain order (None: none); the groups no domain added
+            are the shared ones and count in neither side of the ratio.
+
+    Returns:
+        ``[D]``: selections of domain ``j``'s tokens in its own group over its selections in any domain's group; NaN
+        for a domain without a group (not learnt yet, or one that trained the base) or whose tokens reached no
+        domain's group. 1.0 when every routed sequence reaches its own domain's experts only.
+    """
+    share = np.asarray(group_share, dtype=float)
+    owned = sorted({g for g in domain_groups if g is not None and g < share.shape[1]})
+    out = np.full(share.shape[0], np.nan)
+    for j, group in enumerate(domain_groups[: share.shape[0]]):
+        experts = share[j, owned].sum()
+        if group is not None and experts > 0:
+            out[j] = share[j, group] / experts
+    return out
+
+
+def routing_accuracy(routed: Sequence[np.ndarray], learnt: int) -> np.ndarray:
+    """``[D]`` share of domain ``j``'s held-back sequences routed to domain ``j`` (``routed[j]``: the domain each of
+    them went to), for the ``learnt`` domains so far; NaN for the others (their domain cannot be chosen yet)."""
+    return np.array([float(np.mean(np.asarray(r) == j)) if j < learnt and len(r) else np.nan
+                     for j, r in enumerate(routed)])
+
+
+def routing_confusion(routed: Sequence[np.ndarray], n_domains: int) -> np.ndarray:
+    """``[D, D]`` counts: held-back sequences of domain ``j`` (row) routed to domain ``r`` (column); a sequence routed
+    to no domain is not counted."""
+    counts = np.zeros((n_domains, n_domains))
+    for j, r in enumerate(routed):
+        r = np.asarray(r)
+        r = r[(r >= 0) & (r < n_domains)]
+        np.add.at(counts[j], r, 1)
+    return counts
+
+
 @dataclass
 class DomainRecord:
     """What learning one domain cost."""
@@ -41,6 +82,7 @@ class DomainRecord:
     total_parameters: int  # model size after it
     train_loss: float  # mean objective over the last `log_every` steps
     wall_time_s: float  # training time (evaluation excluded)
+    router_bytes: int = 0  # what the domain router keeps for the domain (its frozen statistics)
 
 
 @dataclass
@@ -55,6 +97,12 @@ class LMResult:
     records: List[DomainRecord] = field(default_factory=list)
     start_checksum: str = ""  # weights_checksum of the model the stream started from
     group_share: Optional[np.ndarray] = None  # [D, G] experts models: share of domain j's routing to group g, at the end
+    router: str = "none"  # router.name: which groups a sequence may route to
+    # [D, D] experts models: own_group_share of domain j after domain i (NaN while j has no group)
+    own_share: Optional[np.ndarray] = None
+    # [D, D] with a domain router: share of domain j's held-back sequences routed to j after domain i (NaN for j > i)
+    routing_accuracy: Optional[np.ndarray] = None
+    routing_confusion: Optional[np.ndarray] = None  # [D, D] at the end: sequences of domain j (row) routed to r
     output_dir: Optional[Path] = None
     run_id: Optional[str] = None
 
@@ -67,13 +115,17 @@ class LMResult:
         return plasticity(self.matrix)
 
     def summary(self) -> Dict[str, float]:
-        """Stream-level numbers: mean forgetting (NaN for one domain), mean plasticity, mean final perplexity."""
+        """Stream-level numbers: mean forgetting (NaN for one domain), mean plasticity, mean final perplexity; in
+        experts mode the mean own-group share at the end, with a domain router the mean routing accuracy at the end."""
         forgetting = self.forgetting
         return {
             "mean_forgetting": float(forgetting.mean()) if forgetting.size else float("nan"),
             "mean_plasticity": float(self.plasticity.mean()),
             "mean_final_ppl": float(self.matrix[-1].mean()),
             **({"final_general_ppl": float(self.general[-1])} if self.general is not None else {}),
+            **({"mean_own_group_share": _nanmean(self.own_share[-1])} if self.own_share is not None else {}),
+            **({"mean_routing_accuracy": _nanmean(self.routing_accuracy[-1])}
+               if self.routing_accuracy is not None else {}),
         }
 
     def to_dict(self) -> Dict[str, Any]:
@@ -85,7 +137,16 @@ class LMResult:
             "summary": {k: _finite(v) for k, v in self.summary().items()},
             "records": [asdict(r) for r in self.records], "start_checksum": self.start_checksum,
             "group_share": None if self.group_share is None else [nums(row) for row in self.group_share],
+            "router": self.router,
+            **{key: None if value is None else [nums(row) for row in value]
+               for key, value in (("own_group_share", self.own_share), ("routing_accuracy", self.routing_accuracy),
+                                  ("routing_confusion", self.routing_confusion))},
         }
+
+
+def _nanmean(values: np.ndarray) -> float:
+    values = np.asarray(values, dtype=float)
+    return float(values[np.isfinite(values)].mean()) if np.isfinite(values).any() else float("nan")
 
 
 def _finite(value: float) -> Optional[float]:
@@ -105,9 +166,14 @@ def format_lm_table(result: LMResult) -> str:
     summary = result.summary()
     lines = _grid(rows) + ["", "  ".join(f"{k} {v:.3f}" for k, v in summary.items())]
     if result.group_share is not None:
-        share = [["routing share (end)"] + [f"group {g}" for g in range(result.group_share.shape[1])]]
-        share += [[name] + [f"{v:.3f}" for v in row] for name, row in zip(result.domains, result.group_share)]
-        lines += [""] + _grid(share)
+        cell = lambda v: "-" if not math.isfinite(v) else f"{v:.3f}"
+        extra = [("own group", result.own_share), ("routing acc", result.routing_accuracy)]
+        extra = [(label, m[-1]) for label, m in extra if m is not None]
+        share = [["routing share (end)"]
+                 + [f"group {g}" for g in range(result.group_share.shape[1])] + [label for label, _ in extra]]
+        share += [[name] + [f"{v:.3f}" for v in row] + [cell(float(values[j])) for _, values in extra]
+                  for j, (name, row) in enumerate(zip(result.domains, result.group_share))]
+        lines += ["", f"router: {result.router}"] + _grid(share)
     cost = [["domain", "group", "added params", "trainable params", "total params", "train loss", "wall time s"]]
     for r in result.records:
         cost.append([r.domain, "-" if r.group is None else str(r.group), f"{r.added_parameters:,}",

@@ -59,6 +59,21 @@ def test_set_group_enabled_switches_exactly_that_group_and_keeps_the_k_check():
         pool.set_group_enabled(3)
 
 
+def test_allowed_groups_become_each_samples_expert_mask_and_restrict_its_routing():
+    pool = make_pool(sizes=(3, 2, 2), k=2)
+    groups = torch.tensor([[True, True, False], [True, False, True]])
+    mask = pool.group_expert_mask(groups)
+    assert mask.tolist() == [[True] * 3 + [True] * 2 + [False] * 2, [True] * 3 + [False] * 2 + [True] * 2]
+    x = torch.randn(2, 5, D)
+    routing = pool.route(x.reshape(-1, D), mask.repeat_interleave(5, dim=0))
+    chosen = routing.indices.reshape(2, -1)
+    assert not bool(((chosen >= 5) & (chosen < 7))[0].any()) and not bool(((chosen >= 3) & (chosen < 5))[1].any())
+    assert torch.equal(pool.route(x.reshape(-1, D), pool.group_expert_mask(torch.ones(10, 3, dtype=torch.bool))).probs,
+                       pool.route(x.reshape(-1, D)).probs), "allowing every group is no restriction"
+    with pytest.raises(ValueError, match=r"shape \[B, 3\]"):
+        pool.group_expert_mask(torch.ones(2, 2, dtype=torch.bool))
+
+
 def test_replace_group_keeps_the_layout_and_accepts_router_rows_only():
     pool = make_pool(sizes=(2, 3))
     rows_only = ExpertGroup(2, {}, pool.router_dim, {"router": 0.0})
