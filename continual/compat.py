@@ -9,7 +9,7 @@ installed transformers version instead of a bare ``TypeError``. ``tests/test_com
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -132,3 +132,47 @@ def dispatches_attention_interface(model: nn.Module) -> bool:
     if can_set is None:
         return True
     return bool(can_set())
+
+
+def decoder_forward(model: nn.Module, *, cache: Any = None, use_cache: bool = False, **inputs) -> Tuple[torch.Tensor, Any]:
+    """Run a decoder's base model and return its last hidden states and key/value cache.
+
+    The cache argument and output field are ``cache`` in recent 5.x releases and ``past_key_values`` before (still
+    accepted, with a deprecation warning); this passes and reads whichever the installed release has.
+
+    Args:
+        model: a decoder base model (``LlamaModel``, ``GPT2Model``...).
+        cache: a cache an earlier call returned, to continue those sequences (None: start afresh).
+        use_cache: return the keys and values of this call (extending ``cache`` when given).
+        **inputs: ``input_ids``, ``attention_mask``, ``position_ids``...
+
+    Returns:
+        ``(last_hidden_state [B, T, H], cache or None)``.
+
+    Raises:
+        UnsupportedTransformersError: the model's forward takes no cache argument while one is needed.
+    """
+    name = _cache_argument(type(model))
+    if name is None and (cache is not None or use_cache):
+        raise _unsupported(f"{type(model).__name__}.forward with a key/value cache", "it takes no cache argument")
+    if name is not None:
+        inputs["use_cache"] = use_cache
+        if cache is not None:
+            inputs[name] = cache
+    out = model(**inputs)
+    returned = out.get("cache", None)
+    if returned is None:
+        returned = out.get("past_key_values", None)
+    return out.last_hidden_state, returned
+
+
+_CACHE_ARGUMENTS: Dict[type, Optional[str]] = {}
+
+
+def _cache_argument(model_type: type) -> Optional[str]:
+    """``"cache"``, ``"past_key_values"`` or None: how ``model_type.forward`` takes a key/value cache (read once per
+    class)."""
+    if model_type not in _CACHE_ARGUMENTS:
+        params = inspect.signature(model_type.forward).parameters
+        _CACHE_ARGUMENTS[model_type] = next((n for n in ("cache", "past_key_values") if n in params), None)
+    return _CACHE_ARGUMENTS[model_type]

@@ -56,8 +56,20 @@ class BackboneConfig:
     # Overrides applied to the backbone's config, e.g. {num_hidden_layers: 2, hidden_size: 32}.
     config_overrides: Dict[str, Any] = field(default_factory=dict)
     # "task": one classification head per task (task-incremental, task id used at test time);
-    # "shared": one head over the union of all labels seen so far (task-agnostic).
+    # "shared": one head over the union of all labels seen so far (task-agnostic);
+    # "label_words": no head: a causal LM scores each candidate label's words after the prompt (its frozen LM head).
     head: str = "task"
+    # label_words only. Which labels compete at test time: "task" (the sample's task's labels: task id given) or
+    # "seen" (every label of the tasks trained so far: task id not given, as the O-LoRA family reports). Training
+    # always scores the current task's labels.
+    label_space: str = "task"
+    # label_words only: the prompt around each input; "{text}" (exactly once) stands for the input's tokens.
+    template: str = "{text}\nAnswer:"
+    # label_words only: per-task templates {task name: template}, overriding `template` for that task. A task's
+    # template comes with its inputs (like O-LoRA's instructions), so it reveals the task to the model.
+    task_templates: Dict[str, str] = field(default_factory=dict)
+    # label_words only: {task name: {label: words}}; a label not named is scored by its own string.
+    label_words: Dict[str, Dict[str, str]] = field(default_factory=dict)
     # Sentence representation fed to the head: "mean" over tokens, "cls" (first token) or "last" (last non-pad).
     pooling: str = "mean"
     # Allow custom modelling code from the Hub (off unless you ask for it).
@@ -128,7 +140,8 @@ class ExperimentConfig:
 
 
 _CHOICES = {
-    "backbone.head": ("task", "shared"),
+    "backbone.head": ("task", "shared", "label_words"),
+    "backbone.label_space": ("task", "seen"),
     "backbone.pooling": ("mean", "cls", "last"),
     "training.optimizer": ("adamw", "sgd"),
     "stream.eval_split": ("test", "dev"),
@@ -261,6 +274,13 @@ def load_experiment_config(
             raise ConfigError(f"{key}: must be >= 1 or null, got {value}")
     if cfg.training.lr <= 0:
         raise ConfigError(f"training.lr: must be > 0, got {cfg.training.lr}")
+    if cfg.backbone.head != "label_words":
+        for key, default in (("label_space", "task"), ("template", BackboneConfig.template)):
+            if cfg.backbone[key] != default:
+                raise ConfigError(f"backbone.{key}: applies to backbone.head=label_words only (head is {cfg.backbone.head!r})")
+        for key in ("task_templates", "label_words"):
+            if cfg.backbone[key]:
+                raise ConfigError(f"backbone.{key}: applies to backbone.head=label_words only (head is {cfg.backbone.head!r})")
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

@@ -62,7 +62,8 @@ def tiny_experiment(tmp_path, cl_root, monkeypatch):
                 "max_length": 32,
                 "cache_dir": str(tmp_path / "cache"),
             },
-            "backbone": TINY_BACKBONE,
+            "backbone": {**TINY_BACKBONE, "config_overrides": dict(TINY_BACKBONE["config_overrides"])},  # a copy:
+            # `extra` below updates it in place
             "training": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "progress": False},
             "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "output_dir": str(tmp_path / "outputs")},
         }
@@ -85,3 +86,67 @@ def one_cpu_thread():
     yield
     torch.set_num_threads(previous)
 
+
+
+def train_bpe_tokenizer(texts, vocab_size: int = 1000):
+    """A GPT-2-style byte-level BPE (no special tokens added around texts; eos doubles as pad)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    bpe.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def make_bpe_tokenizer():
+    return train_bpe_tokenizer
+
+
+# Tiny causal LMs (2 blocks, width 32) for backbone.random_init=true with these config_overrides.
+TINY_CAUSAL_OVERRIDES = {
+    "gpt2": {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 512},
+    "llama": {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2, "num_key_value_heads": 1,
+              "intermediate_size": 64, "max_position_embeddings": 512},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_lm(tmp_path_factory, cl_root):
+    """Factory ``family -> backbone node`` ("gpt2" or "llama"): a folder with a config and a byte-level BPE tokenizer
+    trained on real SST-2 and agnews sentences and their labels (so label words take one or several tokens, as with a
+    real tokenizer), no weights, loaded with ``random_init: true`` and tiny ``config_overrides``."""
+    import json
+
+    made = {}
+
+    def make(family: str):
+        if family not in made:
+            from transformers import GPT2Config, LlamaConfig
+
+            texts = []
+            for task in ("SC/SST-2", "TC/agnews"):
+                rows = json.loads((cl_root / task / "train.json").read_text())[:300]
+                labels = json.loads((cl_root / task / "labels.json").read_text())
+                texts += [row["sentence"] for row in rows] + [" " + label for label in labels] * 20 + ["\nAnswer:"] * 20
+            tokenizer = train_bpe_tokenizer(texts, vocab_size=600)
+            folder = tmp_path_factory.mktemp(f"tiny-{family}")
+            eos = tokenizer.eos_token_id
+            if family == "gpt2":
+                config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos)
+            else:
+                config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+            for key, value in TINY_CAUSAL_OVERRIDES[family].items():
+                setattr(config, key, value)
+            config.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            made[family] = folder
+        overrides = dict(TINY_CAUSAL_OVERRIDES[family])
+        return {"name": str(made[family]), "random_init": True, "config_overrides": overrides}
+
+    return make

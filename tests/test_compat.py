@@ -105,3 +105,28 @@ def test_attention_interface_dispatch_is_detected():
     assert compat.dispatches_attention_interface(gpt2)
     assert compat.attn_implementation(gpt2) in ("eager", "sdpa")
     assert not compat.dispatches_attention_interface(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_a_decoder_continues_its_own_cache_padded_and_with_rows_repeated(attn):
+    """What label-word scoring does: a padded prompt pass with a cache, rows picked (and repeated) from it, then the next
+    tokens at their real positions equal one pass over each whole unpadded sequence."""
+    model = _tiny_llama(attn)
+    ids, mask = _padded_batch()
+    nxt = torch.tensor([[5, 6], [7, 8], [9, 10], [11, 12]])  # two more tokens for rows 0, 1, 2, 1
+    rows = torch.tensor([0, 1, 2, 1])
+    with torch.no_grad():
+        _, cache = compat.decoder_forward(model.model, input_ids=ids, attention_mask=mask, use_cache=True)
+        cache.batch_select_indices(rows)
+        real = mask.sum(1)[rows]
+        ours, _ = compat.decoder_forward(
+            model.model, cache=cache, input_ids=nxt, attention_mask=torch.cat([mask[rows], torch.ones(4, 2, dtype=mask.dtype)], 1),
+            position_ids=real[:, None] + torch.arange(2),
+        )
+        for i, r in enumerate(rows.tolist()):
+            whole = torch.cat([ids[r, : mask[r].sum()], nxt[i]])[None]
+            expected, none = compat.decoder_forward(model.model, input_ids=whole)
+            assert none is None
+            torch.testing.assert_close(ours[i], expected[0, -2:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(compat.UnsupportedTransformersError, match="cache"):
+        compat.decoder_forward(torch.nn.Identity(), use_cache=True, input=torch.zeros(1))

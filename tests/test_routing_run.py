@@ -120,3 +120,13 @@ def test_bad_router_input_is_named(tiny_experiment, overrides, message):
 
     with pytest.raises(ConfigError, match=message):
         run_experiment(tiny_experiment(*overrides), echo=lambda *_: None)
+
+
+def test_a_routed_run_trains_exactly_as_the_oracle_run(tiny_experiment):
+    # Fitting the router must not consume the global RNG: the oracle row of a routed run equals a plain run.
+    from continual.recipes.run import run_experiment
+
+    common = ("strategy.name=delta", "strategy.kinds=[lora]")
+    plain = run_experiment(tiny_experiment(*common), echo=lambda *_: None)
+    routed = run_experiment(tiny_experiment(*common, "router.name=prototype"), echo=lambda *_: None)
+    np.testing.assert_array_equal(routed.oracle_matrix[1:], plain.matrix[1:])

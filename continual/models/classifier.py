@@ -13,6 +13,8 @@ import torch
 from avalanche.models import MultiTaskModule
 from torch import nn
 
+from continual.models.label_space import label_map
+
 
 class TaskHeads(nn.Module):
     """Classification heads.
@@ -59,15 +61,10 @@ class TaskHeads(nn.Module):
 
     def label_map(self) -> torch.Tensor:
         """``[T, T, W, W + 1]`` 0/1: ``M[r, g, i, j] = 1`` when label ``i`` of task ``r``'s head is label ``j`` of task
-        ``g`` (by label string), and ``j = W`` (an "other" column no target uses) when task ``g`` has no such label."""
+        ``g`` (by label string), and ``j = W`` (an "other" column no target uses) when task ``g`` has no such label
+        (:func:`continual.models.label_space.label_map`)."""
         if getattr(self, "_label_map", None) is None:
-            t, w = len(self.task_labels), self.width
-            m = torch.zeros(t, t, w, w + 1)
-            for r, routed in enumerate(self.task_labels):
-                for g, gold in enumerate(self.task_labels):
-                    for i, label in enumerate(routed):
-                        m[r, g, i, gold.index(label) if label in gold else w] = 1.0
-            self._label_map = m
+            self._label_map = label_map(self.task_labels, self.task_labels, self.width, self.width)
         return self._label_map
 
     def in_gold_space(self, logits: torch.Tensor, routed: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
@@ -109,7 +106,16 @@ class TaskHeads(nn.Module):
 
 
 class ContinualClassifier(MultiTaskModule):
-    """Encoder + pooling + heads. ``forward(x, task_labels)`` with ``x: [B, 2, L]`` returns ``[B, C]`` logits."""
+    """Encoder + pooling + heads. ``forward(x, task_labels)`` with ``x: [B, 2, L]`` returns ``[B, C]`` logits.
+
+    Args:
+        backbone: a Hugging Face encoder (or a causal LM's base model).
+        task_labels: the label strings of every task, in stream order.
+        head: ``TaskHeads`` mode, "task" or "shared".
+        pooling: "mean", "cls" or "last".
+        heads: heads built elsewhere (they answer ``target_index``, ``activate``, ``parameters_for``, ``mode``),
+            used instead of building ``TaskHeads``; a subclass that scores without pooled features passes its own.
+    """
 
     def __init__(
         self,
@@ -117,14 +123,14 @@ class ContinualClassifier(MultiTaskModule):
         task_labels: Sequence[Sequence[str]],
         head: str = "task",
         pooling: str = "mean",
+        heads: nn.Module | None = None,
     ):
         super().__init__()
         if pooling not in ("mean", "cls", "last"):
             raise ValueError(f"pooling must be 'mean', 'cls' or 'last', got {pooling!r}")
         self.backbone = backbone
         self.pooling = pooling
-        hidden = backbone.config.hidden_size
-        self.heads = TaskHeads(hidden, task_labels, head)
+        self.heads = heads if heads is not None else TaskHeads(backbone.config.hidden_size, task_labels, head)
         # A continual.modules.ModuleBank set by a strategy that puts per-task modules in the backbone; when set,
         # every backbone call routes each sample to its task's modules.
         self.bank = None
@@ -168,7 +174,7 @@ class ContinualClassifier(MultiTaskModule):
             tasks = sorted(self.known_train_tasks_labels)
             labels = {task: torch.full((x.shape[0],), task, dtype=torch.long, device=x.device) for task in tasks}
             if self.bank is not None:  # features differ per task: one backbone pass per task
-                return {task: self.heads(self._features(x, labels[task]), labels[task]) for task in tasks}
+                return {task: self.routed_logits(x, labels[task]) for task in tasks}
             features = self._features(x)
             return {task: self.heads(features, labels[task]) for task in tasks}
         if not torch.is_tensor(task_labels):
@@ -178,9 +184,13 @@ class ContinualClassifier(MultiTaskModule):
                 return self._soft_routed(x, task_labels)
             routed = self.infer_tasks(x)
             self.routing_log.append((task_labels.detach().cpu(), routed.detach().cpu()))
-            logits = self.heads(self._features(x, routed), routed)
-            return self.heads.in_gold_space(logits, routed, task_labels.to(routed.device))
-        return self.heads(self._features(x, task_labels), task_labels)
+            return self.heads.in_gold_space(self.routed_logits(x, routed), routed, task_labels.to(routed.device))
+        return self.routed_logits(x, task_labels)
+
+    def routed_logits(self, x: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
+        """``[B, 2, L]`` inputs answered by the tasks ``tasks: [B]`` (each sample by its task's modules and head) ->
+        ``[B, W]`` logits in those tasks' label spaces (the given task for the oracle, the inferred one when routed)."""
+        return self.heads(self._features(x, tasks), tasks)
 
     def _soft_routed(self, x: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
         """Soft mode: the top-k tasks' modules act together with the router's weights (one forward through the
@@ -218,26 +228,24 @@ class ContinualClassifier(MultiTaskModule):
 
     def routing_features(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 2, L]`` -> ``[B, F]``: the frozen backbone's mean-pooled hidden states of ``router_layers``
-        (concatenated), with no task module acting (the bank's slots all weighted 0)."""
+        (concatenated), with no task module acting (the bank bypassed)."""
         input_ids, attention_mask = x[:, 0], x[:, 1]
         used = max(int(attention_mask.sum(1).max().item()) if attention_mask.numel() else 0, 1)
         ids, mask = input_ids[:, :used], attention_mask[:, :used]
-        n_virtual, extra = 0, {}
+        trunk = self.hidden_model()
         if self.bank is None:
-            hidden = self.backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-        else:
-            none = torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device)
-            with self.bank.route(none, weights=torch.zeros(ids.shape[0], 0, device=ids.device)):
-                ids, mask, positions, n_virtual = self.bank.prepare_inputs(ids, mask)
-                if n_virtual and self._takes_position_ids():
-                    extra["position_ids"] = positions
-                hidden = self.backbone(
-                    input_ids=ids, attention_mask=mask, output_hidden_states=True, **extra
-                ).hidden_states
-        mask = mask[:, n_virtual:].to(hidden[0].dtype).unsqueeze(-1)
+            hidden = trunk(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        else:  # every site acts as its base module: the bare backbone, at its own cost (no virtual tokens)
+            with self.bank.route(torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device), bypass=True):
+                hidden = trunk(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        mask = mask.to(hidden[0].dtype).unsqueeze(-1)
         layers = list(self.router_layers) or [len(hidden) - 1]
-        pooled = [(hidden[i][:, n_virtual:] * mask).sum(1) / mask.sum(1).clamp_min(1.0) for i in layers]
+        pooled = [(hidden[i] * mask).sum(1) / mask.sum(1).clamp_min(1.0) for i in layers]
         return torch.cat(pooled, -1)
+
+    def hidden_model(self) -> nn.Module:
+        """The module whose forward returns the hidden states routers read (the backbone itself here)."""
+        return self.backbone
 
     def infer_tasks(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, 2, L]`` -> ``[B]`` the task each sample is routed to, among the tasks the router has fitted.
@@ -256,7 +264,7 @@ class ContinualClassifier(MultiTaskModule):
         if getattr(router, "reads_candidates", False):
             k, b = len(ids), x.shape[0]
             each = ids.repeat_interleave(b)  # [K*B]: copy c of the batch routed to candidate c
-            logits = self.heads(self._features(x.repeat(k, 1, 1), each), each).view(k, b, -1)
+            logits = self.routed_logits(x.repeat(k, 1, 1), each).view(k, b, -1)
             return router.scores_from_logits(logits), ids  # [B, K]
         return router.scores(self.routing_features(x)), ids
 

@@ -106,6 +106,7 @@ class Routing:
         # set by ModuleBank.prepare_inputs.
         self.virtual: Dict[int, Tuple[int, int]] = {}
         self._given: Optional[torch.Tensor] = None  # [B, K'] slot weights given to route(), else None
+        self.bypass = False  # set by route(..., bypass=True): sites act as their base modules
 
     @property
     def mode(self) -> Optional[str]:
@@ -118,12 +119,15 @@ class Routing:
         return bool(self.router.exclusive)
 
     @contextmanager
-    def route(self, task_ids: torch.Tensor, weights: Optional[torch.Tensor] = None) -> Iterator["Routing"]:
+    def route(self, task_ids: torch.Tensor, weights: Optional[torch.Tensor] = None,
+              bypass: bool = False) -> Iterator["Routing"]:
         """Set the per-sample task ids ``[B]`` for the forward passes run inside the block.
 
         Args:
             weights: ``[B, K']`` slot weights to use instead of the router's (an inferred or soft route); slots
                 beyond ``K'`` get weight 0, so ``[B, 0]`` runs the bare backbone (no module acts).
+            bypass: every site returns its base module's output and computes nothing of its own: the bare backbone
+                at its own cost (no virtual tokens to prepare either), e.g. for a router's features.
         """
         if self.task_ids is not None:
             raise RuntimeError("routing is already set: forward passes through one bank cannot be nested")
@@ -131,11 +135,11 @@ class Routing:
             raise ValueError(f"task ids must have shape [B], got {tuple(task_ids.shape)}")
         if weights is not None and (weights.dim() != 2 or weights.shape[0] != task_ids.shape[0]):
             raise ValueError(f"slot weights must have shape [B, K] with B={task_ids.shape[0]}, got {tuple(weights.shape)}")
-        self.task_ids, self._weights, self.virtual, self._given = task_ids, {}, {}, weights
+        self.task_ids, self._weights, self.virtual, self._given, self.bypass = task_ids, {}, {}, weights, bypass
         try:
             yield self
         finally:
-            self.task_ids, self._weights, self.virtual, self._given = None, {}, {}, None
+            self.task_ids, self._weights, self.virtual, self._given, self.bypass = None, {}, {}, None, False
 
     def weights(self, n_slots: int) -> torch.Tensor:
         """``[B, K]`` slot weights of the current forward."""
@@ -283,7 +287,7 @@ class TaskModuleSite(nn.Module):
         """x: [B, ..., in] -> [B, ..., out]."""
         h = self.base(x)
         n_slots = self.delta.n_slots
-        if n_slots == 0:
+        if n_slots == 0 or self.routing.bypass:
             return h
         weights = self.routing.weights(n_slots)  # [B, K]
         if weights.shape[0] != x.shape[0]:
@@ -584,10 +588,18 @@ class ModuleBank:
         )
         return ids, mask, positions, V
 
+    def continue_inputs(self) -> None:
+        """Inside :meth:`route`: this forward continues sequences whose keys and values an earlier forward cached
+        (its inputs went through :meth:`prepare_inputs`), so it adds no virtual positions: prompt and prefix kinds
+        leave its outputs as they are, and the cached virtual positions stay visible through the caller's attention
+        mask (the earlier mask followed by the new tokens')."""
+        self.routing.virtual = {group: (0, 0) for group, _ in self._token_groups}
+
     # ------------------------------------------------------------------ use
-    def route(self, task_ids: torch.Tensor, weights: Optional[torch.Tensor] = None):
-        """Context manager: forward passes inside it route each sample by its task id ``[B]``."""
-        return self.routing.route(task_ids, weights)
+    def route(self, task_ids: torch.Tensor, weights: Optional[torch.Tensor] = None, bypass: bool = False):
+        """Context manager: forward passes inside it route each sample by its task id ``[B]`` (see
+        :meth:`Routing.route` for ``weights`` and ``bypass``)."""
+        return self.routing.route(task_ids, weights, bypass)
 
     def sites(self) -> Dict[str, TaskModuleSite]:
         """Site name (relative to the attached model) -> site, in model order."""

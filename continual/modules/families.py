@@ -40,6 +40,8 @@ class ArchitectureFamily:
             ``key_value``, ``block_outputs`` (attention and FFN output projections), ``block_linears`` (every linear
             of a block), ``block_biases`` (the linears whose biases BitFit offsets), ``last_block_linears``, ``ffn``
             (the module an expert site replaces).
+        causal_lm: whether the family's models are decoder-only causal language models (what label-word
+            classification scores with); False for encoder-only (BERT) and encoder-decoder (T5) families.
     """
 
     name: str
@@ -58,6 +60,7 @@ class ArchitectureFamily:
     ffn_norm: str
     final_norm: Optional[Tuple[str, ...]] = None
     targets: Mapping[str, str] = field(default_factory=dict)
+    causal_lm: bool = False
 
     @property
     def projections(self) -> Tuple[str, ...]:
@@ -99,6 +102,7 @@ FAMILIES: Dict[str, ArchitectureFamily] = {
     ),
     "gpt2": ArchitectureFamily(
         name="gpt2",
+        causal_lm=True,
         layer_lists=("transformer.h", "h"),
         query=None, key=None, value=None, qkv="attn.c_attn",
         attn_out="attn.c_proj",
@@ -116,6 +120,7 @@ FAMILIES: Dict[str, ArchitectureFamily] = {
     ),
     "llama": ArchitectureFamily(
         name="llama",
+        causal_lm=True,
         layer_lists=("model.layers", "layers"),
         query="self_attn.q_proj", key="self_attn.k_proj", value="self_attn.v_proj", qkv=None,
         attn_out="self_attn.o_proj",

@@ -9,13 +9,14 @@ Run: ``continual run CONFIG.yaml [key=value ...]`` (presets in ``configs/``).
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 from omegaconf import DictConfig
 
-from continual.config import flatten, to_yaml
+from continual.config import ConfigError, flatten, to_yaml
 from continual.results import RunResult, TaskRecord
 from continual.training.experiment import load_run_config
 
@@ -44,7 +45,9 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
     from continual.learner import ContinualLearner
     from continual.metrics import summarize
     from continual.models.backbone import load_backbone, load_causal_lm
+    from continual.models.backbone import load_config as load_backbone_config
     from continual.models.classifier import ContinualClassifier
+    from continual.models.label_word_classifier import build_label_word_classifier, check_causal_lm
     from continual.report import format_table
     from continual.resources import ResourceMonitor
     from continual.tracking import ExperimentTracker
@@ -60,8 +63,17 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
     device = resolve_device(cfg.training.device)
     strategy = build_strategy(cfg.strategy)  # fail on bad strategy options before loading anything heavy
     router = make_router(cfg.router)  # the same for the router's options
-    # A strategy may ask for a causal LM and build its own model (TinT); the default is an encoder classifier.
-    load = load_causal_lm if getattr(strategy, "backbone_kind", "encoder") == "causal_lm" else load_backbone
+    # A strategy may ask for a causal LM and build its own model (TinT); label words score with a causal LM's head;
+    # the default is an encoder classifier.
+    label_words = cfg.backbone.head == "label_words"
+    if label_words:  # an encoder named by mistake fails here, before its weights are read
+        _, backbone_config = load_backbone_config(
+            cfg.backbone.name, dict(cfg.backbone.config_overrides), cfg.backbone.trust_remote_code
+        )
+        with _as_config_error():
+            check_causal_lm(backbone_config, cfg.backbone.name)
+    causal = label_words or getattr(strategy, "backbone_kind", "encoder") == "causal_lm"
+    load = load_causal_lm if causal else load_backbone
     backbone, tokenizer = load(
         cfg.backbone.name,
         random_init=cfg.backbone.random_init,
@@ -72,6 +84,14 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
     tasks = stream.task_infos
     build_model = getattr(strategy, "build_model", None)
     model = build_model(backbone, tokenizer, stream, cfg.backbone) if build_model is not None else None
+    if model is None and label_words:
+        with _as_config_error():  # unusable label words or templates: the message names the key
+            model = build_label_word_classifier(
+                backbone, tokenizer, [t.name for t in tasks], [t.labels for t in tasks], name=cfg.backbone.name,
+                label_space=cfg.backbone.label_space, template=cfg.backbone.template,
+                task_templates=dict(cfg.backbone.task_templates),
+                label_words={task: dict(words) for task, words in cfg.backbone.label_words.items()},
+            )
     if model is None:
         model = ContinualClassifier(backbone, [t.labels for t in tasks], head=cfg.backbone.head, pooling=cfg.backbone.pooling)
     strategy.setup(model, tasks)
@@ -224,6 +244,18 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
     echo(format_table(result, summary))
     echo(f"artifacts: {output_dir}")
     return result
+
+
+@contextmanager
+def _as_config_error():
+    """A ValueError raised while building the model from the config becomes a ConfigError (printed by the CLI
+    without a traceback); its message already names the config key."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 def _task_subset(experience, task):

@@ -37,7 +37,8 @@ def attach_router(model: nn.Module, router, cfg, strategy_name: str):
 
     Raises:
         ConfigError: the strategy keeps no per-task modules (nothing to route between), the model's head is shared
-            (a routed sample is answered by its routed task's own head), or ``router.layers`` is out of range.
+            (a routed sample is answered by its routed task's own head), ``router.layers`` is out of range, or soft
+            routing (``top_k > 1``) is asked of label words.
     """
     if router is None:
         return None
@@ -46,10 +47,11 @@ def attach_router(model: nn.Module, router, cfg, strategy_name: str):
             f"router.name={cfg.name}: strategy {strategy_name!r} keeps no per-task modules, so there is nothing to "
             "route between; use a strategy with a module bank (delta, experts, recursive) or router.name=oracle"
         )
-    if model.heads.mode != "task":
+    if model.heads.mode not in ("task", "label_words"):
         raise ConfigError(
-            f"router.name={cfg.name} needs backbone.head=task: a routed sample is answered by the head of the task it "
-            "is routed to (each task's own head, frozen after its task), so a new task cannot overwrite earlier ones"
+            f"router.name={cfg.name} needs backbone.head=task or label_words: a routed sample is answered by the task "
+            "it is routed to (its own head, frozen after its task, or label words, which no task trains), so a new "
+            "task cannot overwrite earlier ones"
         )
     n_states = int(model.backbone.config.num_hidden_layers) + 1
     layers = list(getattr(cfg, "layers", None) or default_layers(n_states))
@@ -61,6 +63,8 @@ def attach_router(model: nn.Module, router, cfg, strategy_name: str):
         raise ConfigError(f"router.top_k: must be >= 1, got {top_k}")
     if temperature <= 0:
         raise ConfigError(f"router.temperature: must be > 0, got {temperature}")
+    if top_k > 1 and model.heads.mode == "label_words":
+        raise ConfigError("router.top_k: label words answer with one routed task's modules; use router.top_k=1")
     model.task_router, model.router_layers = router, [i % n_states for i in layers]
     model.router_top_k, model.router_temperature = top_k, temperature
     return router
@@ -83,7 +87,10 @@ def fit_router(model: nn.Module, task_index: int, task_name: str, dataset, batch
     was_training = model.training
     model.eval()
     features, labels = [], []
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    # An own generator: iterating a DataLoader draws a seed from the global RNG, which would change the shuffling of
+    # every later task, so a routed run would not train exactly as the same run with router.name=oracle.
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         generator=torch.Generator().manual_seed(0))
     for batch in loader:
         features.append(model.routing_features(batch[0].to(device)).cpu())
         labels.append(torch.as_tensor(batch[1]))

@@ -94,8 +94,8 @@ def test_entropy_router_prefers_the_confident_candidate():
     assert router.stored_bytes(0) == 0
 
 
-def test_no_module_acts_under_zero_slot_weights(tiny_backbone):
-    # Routing features run the bare backbone: a bank given [B, 0] weights must reproduce the unmodified model.
+def test_no_module_acts_under_zero_slot_weights_or_a_bypass(tiny_backbone):
+    # Routing features run the bare backbone (the bank bypassed); zero slot weights must give the same outputs.
     import copy
 
     from continual.models.backbone import load_backbone
@@ -119,3 +119,7 @@ def test_no_module_acts_under_zero_slot_weights(tiny_backbone):
         model.router_layers = [1, 2]
         plain.router_layers = [1, 2]
         torch.testing.assert_close(model.routing_features(x), plain.routing_features(x))
+        with torch.no_grad(), model.bank.route(torch.zeros(3, dtype=torch.long), weights=torch.zeros(3, 0)):
+            ids, mask, positions, n_virtual = model.bank.prepare_inputs(x[:, 0], x[:, 1])
+            zero = model.encode(ids, mask, positions if n_virtual else None, n_virtual)
+        torch.testing.assert_close(zero, plain.encode(x[:, 0], x[:, 1]))

@@ -95,13 +95,16 @@ class VirtualTokens(nn.Module):
         Args:
             h: ``[B, V+T, out]`` output of the wrapped module.
             weights: ``[B, K]`` slot weights (which positions a sample sees is decided by the attention mask).
-            span: ``(first, count)`` positions of this kind's block.
+            span: ``(first, count)`` positions of this kind's block; ``count == 0`` when the forward continues a
+                cached sequence whose virtual positions an earlier forward wrote (nothing to write now).
             exclusive: one slot per sample: ``count == P`` and each sample gets its own slot's vectors.
 
         Returns:
             ``h`` with ``[:, first:first+count, columns]`` replaced.
         """
         first, count = span
+        if count == 0:
+            return h
         values = torch.stack([self.slot_values(k) for k in range(self.n_slots)]).to(h.dtype)  # [K, P, width]
         B = h.shape[0]
         if exclusive:

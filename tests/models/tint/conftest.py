@@ -1,5 +1,6 @@
 """Tiny random causal LMs (GPT-2, Llama and the native ModuleFormer, 2 blocks, width 32) and a byte-level BPE tokenizer trained in
-milliseconds on real CL_Benchmark sentences, so prompts and label words behave as with a real GPT-2 tokenizer."""
+milliseconds on real CL_Benchmark sentences (``make_bpe_tokenizer``, tests/conftest.py), so prompts and label words behave
+as with a real GPT-2 tokenizer."""
 
 from __future__ import annotations
 
@@ -14,34 +15,14 @@ def _every_test_on_one_thread(one_cpu_thread):
     """Every test in this folder runs on one intra-op thread (the fixture is in tests/conftest.py)."""
 
 
-def train_bpe_tokenizer(texts, vocab_size: int = 1000):
-    """A GPT-2-style byte-level BPE (no special tokens added around texts; eos doubles as pad)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    bpe.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-
-
 @pytest.fixture(scope="session")
-def make_bpe_tokenizer():
-    return train_bpe_tokenizer
-
-
-@pytest.fixture(scope="session")
-def bpe_tokenizer(cl_root):
+def bpe_tokenizer(cl_root, make_bpe_tokenizer):
     texts = []
     for task in ("SC/SST-2", "TC/agnews"):
         rows = json.loads((cl_root / task / "train.json").read_text())[:300]
         labels = json.loads((cl_root / task / "labels.json").read_text())
         texts += [row["sentence"] for row in rows] + [" " + label for label in labels] * 50 + ["\nAnswer: Good\n\n"] * 50
-    return train_bpe_tokenizer(texts)
+    return make_bpe_tokenizer(texts)
 
 
 def tiny_gpt2(vocab_size: int, dtype=torch.float32, seed: int = 0):
