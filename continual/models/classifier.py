@@ -204,13 +204,7 @@ class ContinualClassifier(MultiTaskModule):
         self.routing_log.append((gold.detach().cpu(), top.detach().cpu()))
         n_slots = int(candidates.max()) + 1
         slot_weights = torch.zeros(x.shape[0], n_slots, device=x.device).index_copy(1, candidates, weights.float())
-        input_ids, attention_mask = x[:, 0], x[:, 1]
-        used = max(int(attention_mask.sum(1).max().item()), 1)
-        with self.bank.route(top, weights=slot_weights):
-            ids, mask, positions, n_virtual = self.bank.prepare_inputs(input_ids[:, :used], attention_mask[:, :used])
-            if n_virtual and not self._takes_position_ids():
-                positions = None
-            features = self.encode(ids, mask, positions, n_virtual)
+        features = self._features(x, top, slot_weights)
         gold = gold.to(x.device)
         probs = 0.0
         for k in range(min(self.router_top_k, len(candidates))):
@@ -268,10 +262,12 @@ class ContinualClassifier(MultiTaskModule):
             return router.scores_from_logits(logits), ids  # [B, K]
         return router.scores(self.routing_features(x)), ids
 
-    def _features(self, x: torch.Tensor, task_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def _features(self, x: torch.Tensor, task_labels: torch.Tensor | None = None,
+                  slot_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Drop the padding columns no sample uses, then encode: [B, 2, L] -> [B, H].
 
-        ``task_labels: [B]`` routes each sample to its task's modules when a bank is attached (required then).
+        ``task_labels: [B]`` routes each sample to its task's modules when a bank is attached (required then);
+        ``slot_weights: [B, K]`` replaces the composition's weights (the soft route).
         """
         input_ids, attention_mask = x[:, 0], x[:, 1]
         used = max(int(attention_mask.sum(1).max().item()) if attention_mask.numel() else 0, 1)
@@ -279,7 +275,7 @@ class ContinualClassifier(MultiTaskModule):
             return self.encode(input_ids[:, :used], attention_mask[:, :used])
         if task_labels is None:
             raise ValueError("this model has per-task modules: its features need the samples' task labels")
-        with self.bank.route(task_labels):
+        with self.bank.route(task_labels, weights=slot_weights):
             ids, mask, positions, n_virtual = self.bank.prepare_inputs(input_ids[:, :used], attention_mask[:, :used])
             if n_virtual and not self._takes_position_ids():
                 positions = None  # e.g. T5: relative positions; the virtual tokens shift nothing absolute
