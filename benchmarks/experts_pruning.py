@@ -14,6 +14,10 @@
 Printed (and written to ``--out`` as ``experts_pruning.md`` and ``.json``): each task's routing (share of choices
 going to the shared FFN, to its own experts and to other tasks' experts, averaged over sites), then per threshold the
 experts and parameters removed and the accuracy per task before and after pruning.
+
+This prunes once, after the stream, by every deployed task's usage on the final model. To prune during the run,
+after each task, set ``strategy.prune_threshold`` (``--set strategy.prune_threshold=0.05``); the checkpoints of such
+a run rebuild the pruned model here as well.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ Mixture-of-Experts", arXiv 2306.04640) and of the ``experts`` bank kind (sparse 
 - :mod:`~continual.modules.experts.upcycling`: a dense FFN as one module and as the shared expert(s);
 - :mod:`~continual.modules.experts.kind`: the ``experts`` bank kind (:class:`ExpertsDelta`; importing this package
   registers it), the slot/group mapping, :func:`upcycle`;
-- :mod:`~continual.modules.experts.pruning`: usage per task and pruning of unused experts.
+- :mod:`~continual.modules.experts.pruning`: usage per task and pruning of unused experts (once, or after every task
+  of a stream with its history).
 
 Nothing here imports Hugging Face model code (``transformers`` only for GPT-2's ``Conv1D``, when present).
 """
@@ -48,7 +49,15 @@ from continual.modules.experts.kind import (
     slot_of_group,
     upcycle,
 )
-from continual.modules.experts.pruning import PruneResult, prune_plan, prune_unused, recording_usage
+from continual.modules.experts.pruning import (
+    PruneResult,
+    PruningHistory,
+    carry_usage,
+    prune_experts,
+    prune_plan,
+    prune_unused,
+    recording_usage,
+)
 
 __all__ = [
     "ACTIVATIONS",
@@ -67,8 +76,10 @@ __all__ = [
     "ExpertsDelta",
     "FeedForward",
     "PruneResult",
+    "PruningHistory",
     "RouterOutput",
     "TokenMaskFeed",
+    "carry_usage",
     "expand_sample_mask",
     "expert_deltas",
     "expert_matmul",
@@ -78,6 +89,7 @@ __all__ = [
     "load_concentration_loss",
     "mean_routing_losses",
     "mutual_information_loss",
+    "prune_experts",
     "prune_plan",
     "prune_unused",
     "recording_usage",
