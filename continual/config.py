@@ -148,6 +148,34 @@ _CHOICES = {
 }
 
 
+def check_folder_name(key: str, value: Optional[str], under: str = "tracking.output_dir") -> None:
+    """``value`` (when set) becomes one folder under the folder ``under`` names, so it must be a single folder name.
+
+    Raises:
+        ConfigError: ``value`` holds a path separator (``/`` or a backslash) or is ``.`` or ``..``, naming ``key``.
+    """
+    if not value:
+        return
+    if "/" in value or "\\" in value or "\0" in value or value in (".", ".."):
+        nested = " (MLflow experiment names may nest with '/', but this one is also a folder name)" if key.endswith(
+            "experiment") else ""
+        raise ConfigError(
+            f"{key}: {value!r} is used as a folder name under {under}, so it must be a single name: no '/' or "
+            f"backslash, and not '.' or '..'{nested}; use e.g. {_folder_safe(value)!r}"
+        )
+
+
+def _folder_safe(value: str) -> str:
+    safe = "-".join(part for part in value.replace("\\", "/").split("/") if part not in ("", ".", ".."))
+    return safe.replace("\0", "") or "run"
+
+
+def check_tracking_names(tracking: DictConfig) -> None:
+    """``tracking.experiment`` and ``tracking.run_name`` name folders (see :func:`check_folder_name`)."""
+    for key in ("experiment", "run_name"):
+        check_folder_name(f"tracking.{key}", tracking.get(key))
+
+
 def _wrap(err: OmegaConfBaseException, source: str) -> ConfigError:
     key = getattr(err, "full_key", None)
     msg = (getattr(err, "msg", None) or str(err)).splitlines()[0]
@@ -274,6 +302,7 @@ def load_experiment_config(
             raise ConfigError(f"{key}: must be >= 1 or null, got {value}")
     if cfg.training.lr <= 0:
         raise ConfigError(f"training.lr: must be > 0, got {cfg.training.lr}")
+    check_tracking_names(cfg.tracking)
     if cfg.backbone.head != "label_words":
         for key, default in (("label_space", "task"), ("template", BackboneConfig.template)):
             if cfg.backbone[key] != default:

@@ -12,12 +12,17 @@ A third-party package adds to its own pyproject::
 
 from __future__ import annotations
 
+import re
+import warnings
 from importlib.metadata import entry_points
 from typing import Dict, List, Type
+
+from continual.config import ConfigError
 
 ENTRY_POINT_GROUP = "continual.strategies"
 
 _REGISTRY: Dict[str, type] = {}
+_BROKEN: Dict[str, str] = {}  # entry-point name -> why it could not be registered (warned once, then skipped)
 _LOADED_ENTRY_POINTS = False
 
 
@@ -44,13 +49,16 @@ def _load_entry_points() -> None:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in _REGISTRY:
             continue
+        # A broken plugin must not take the built-ins and the other plugins down with it: warn once, skip it, and
+        # say why when the strategy is asked for by name.
         try:
             cls = ep.load()
-        except Exception as err:  # a broken plugin must not take the built-ins down with it
-            raise ImportError(f"strategy entry point {ep.name!r} ({ep.value}) failed to import: {err}") from err
-        if getattr(cls, "name", None) != ep.name:
-            raise ValueError(f"entry point {ep.name!r} points at a class whose name is {getattr(cls, 'name', None)!r}")
-        register_strategy(cls)
+            if getattr(cls, "name", None) != ep.name:
+                raise ValueError(f"it points at a class whose name is {getattr(cls, 'name', None)!r}")
+            register_strategy(cls)
+        except Exception as err:
+            _BROKEN[ep.name] = f"strategy entry point {ep.name!r} ({ep.value}) failed to import: {type(err).__name__}: {err}"
+            warnings.warn(f"{_BROKEN[ep.name]}; skipped it", RuntimeWarning, stacklevel=2)
 
 
 def available_strategies() -> List[str]:
@@ -63,6 +71,8 @@ def get_strategy_class(name: str) -> type:
     try:
         return _REGISTRY[name]
     except KeyError:
+        if name in _BROKEN:
+            raise KeyError(_BROKEN[name]) from None
         raise KeyError(f"unknown strategy {name!r}; known strategies: {', '.join(sorted(_REGISTRY)) or '(none)'}") from None
 
 
@@ -71,10 +81,30 @@ def get_strategy_config_class(name: str) -> Type:
 
 
 def build_strategy(strategy_cfg) -> "object":
-    """Instantiate the strategy named by ``strategy_cfg.name`` with its options as flat keyword arguments."""
+    """Instantiate the strategy named by ``strategy_cfg.name`` with its options as flat keyword arguments.
+
+    Raises:
+        ConfigError: the strategy's constructor rejected its options (a ``ValueError`` or ``TypeError``); the
+            message names ``strategy.<key>`` (or ``strategy`` when no single option is named).
+    """
     from omegaconf import OmegaConf
 
-    cls = get_strategy_class(strategy_cfg.name)
+    cls = get_strategy_class(strategy_cfg["name"])  # a config node or a plain dict
     options = OmegaConf.to_container(strategy_cfg, resolve=True) if not isinstance(strategy_cfg, dict) else dict(strategy_cfg)
     options.pop("name", None)
-    return cls(**options)
+    try:
+        return cls(**options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(option_error_message(str(err), options)) from err
+
+
+def option_error_message(message: str, options) -> str:
+    """A strategy constructor's error message, led by the config key it is about.
+
+    A message that already names a ``strategy.<key>`` (or starts with ``strategy``) is kept as it is; otherwise it is
+    prefixed with ``strategy.<key>:`` when exactly one option's name appears in it, else with ``strategy:``.
+    """
+    if message.startswith("strategy") or re.search(r"\bstrategy\.\w", message):
+        return message
+    named = [key for key in options if re.search(rf"(?<![\w.]){re.escape(key)}\b", message)]
+    return f"strategy.{named[0]}: {message}" if len(named) == 1 else f"strategy: {message}"

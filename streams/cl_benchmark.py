@@ -105,11 +105,29 @@ def find_task_dir(root: Path, name: str) -> Path:
     return candidates[0]
 
 
+def read_utf8(path: Path) -> str:
+    """The text of a data file, which must be UTF-8 (a leading byte-order mark is dropped).
+
+    Raises:
+        StreamError: the file is not UTF-8 text, naming it and the byte offset of the first invalid byte.
+    """
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        offset = err.start + len(data) - len(err.object)  # err.object may start after a byte-order mark
+        line = data.count(b"\n", 0, offset) + 1
+        raise StreamError(
+            f"{path}: not UTF-8 text (byte 0x{data[offset]:02x} at byte offset {offset}, line {line}); "
+            "re-save it as UTF-8 (from Latin-1: iconv -f latin1 -t utf-8)"
+        ) from err
+
+
 def read_json_items(path: Path) -> List[Any]:
     """The items of a JSON array file, or of a JSON Lines file."""
     if not path.is_file():
         raise StreamError(f"{path}: file not found; every task folder needs labels.json, train.json and the eval split")
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_utf8(path)
     if not text.strip():
         raise StreamError(f"{path}: file is empty; it must hold a JSON array of {{\"label\", \"sentence\"}} objects")
     try:

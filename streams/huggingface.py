@@ -161,6 +161,17 @@ def _unreachable(hf_id: str, entry: HFTask, err: Exception) -> StreamError:
     )
 
 
+def _unicode_error(err: BaseException) -> Optional[UnicodeDecodeError]:
+    """The UnicodeDecodeError ``err`` is, or was raised from (``datasets`` wraps a builder's errors), else None."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UnicodeDecodeError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def load_hf_task(
     spec: str,
     eval_split: str = "test",
@@ -195,6 +206,12 @@ def load_hf_task(
         with _offline_from_env():
             loaded = datasets.load_dataset(entry.path, entry.config, cache_dir=cache_dir)
     except Exception as err:  # offline, no cache, Hub error: all mean "get the data another way"
+        undecodable = _unicode_error(err)
+        if undecodable is not None:  # the data was found but one of its files is not text in its encoding
+            raise StreamError(
+                f"{PREFIX}{hf_id}: a data file of {entry.path} is not UTF-8 text ({undecodable}); "
+                f"delete its copy in the datasets cache ({cache_dir or 'the Hugging Face cache'}) and load it again"
+            ) from err
         raise _unreachable(hf_id, entry, err) from err
 
     for split in (entry.train_split, split_name):

@@ -31,6 +31,22 @@ def test_unknown_strategy_lists_the_known_ones(capsys):
     assert "sgd_magic" in err and "full_finetune" in err and "replay" in err
 
 
+def test_a_strategy_option_its_constructor_rejects_is_a_config_error(capsys):
+    assert main(["run", "configs/quickstart.yaml", "strategy.name=delta", "strategy.kinds=[foo]"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: strategy.kinds: unknown kind 'foo'; known kinds:") and err.count("strategy.kinds") == 1
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("override", ["tracking.run_name=../../escape", "tracking.experiment=/tmp/elsewhere"])
+def test_a_tracking_name_that_is_a_path_is_rejected_before_any_folder_is_made(capsys, tmp_path, override):
+    out = tmp_path / "outputs"
+    assert main(["run", "quickstart", f"tracking.output_dir={out}", override]) == 2
+    key = override.split("=")[0]
+    assert capsys.readouterr().err.startswith(f"error: {key}: ")
+    assert not out.exists() and not (tmp_path / "escape").exists()
+
+
 def test_unknown_stream_lists_the_known_ones(capsys, tiny_experiment, tmp_path):
     assert main(["run", "quickstart", "stream.name=huge", "backbone.random_init=true"]) == 2
     err = capsys.readouterr().err

@@ -66,6 +66,17 @@ def test_a_grid_runs_aggregates_and_is_reused(grid, tmp_path):
     assert status["lora-o1-s0"] == "done" and status["diverges-o1-s1"] == "failed"
 
 
+def test_bad_strategy_options_and_folder_names_fail_before_any_cell_runs(grid, tmp_path):
+    bad_kind = {"name": "bad", "overrides": ["strategy.name=delta", "strategy.kinds=[foo]"]}
+    with pytest.raises(ConfigError, match=r"run 'bad' \(order 1, seed 0.*\): strategy.kinds: unknown kind 'foo'"):
+        run_compare(grid([{"name": "ok"}, bad_kind]), echo=lambda *_: None)
+    assert not (tmp_path / "outputs" / "tiny" / "cells").exists()
+    with pytest.raises(ConfigError, match=r"^runs.1.name: '../up' is used as a folder name under output_dir"):
+        grid([{"name": "ok"}, {"name": "../up"}])
+    with pytest.raises(ConfigError, match=r"^name: 'a/b' is used as a folder name under output_dir"):
+        grid([{"name": "ok"}], name="a/b")
+
+
 def test_bad_input_fails_before_any_cell_runs(grid, tmp_path):
     with pytest.raises(ConfigError, match=r"run 'typo' \(order 1, seed 0.*training.lrr"):
         run_compare(grid([{"name": "ok"}, {"name": "typo", "overrides": ["training.lrr=1"]}]), echo=lambda *_: None)

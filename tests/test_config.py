@@ -79,6 +79,29 @@ def test_strategy_options_are_typed_by_the_chosen_strategy():
         load_config(None, ["strategy.name=ewc", "strategy.alpha=1"])
 
 
+def test_strategy_constructor_errors_fail_at_load_time_naming_the_key():
+    with pytest.raises(ConfigError, match=r"^strategy.kinds: unknown kind 'foo'; known kinds: .*lora"):
+        load_config(None, ["strategy.name=delta", "strategy.kinds=[foo]"])
+    with pytest.raises(ConfigError, match=r"^strategy.mode must be 'separate' or 'online', got 'both'$"):
+        load_config(None, ["strategy.name=ewc", "strategy.mode=both"])
+    with pytest.raises(ConfigError, match=r"^router.shrinkage must be in \[0, 1\], got 3.0$"):  # routers: the same
+        load_config(None, ["router.name=prototype", "router.shrinkage=3"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("tracking.run_name=../../escape", "tracking.run_name"), ("tracking.run_name=/tmp/abs", "tracking.run_name"),
+     ("tracking.run_name=..", "tracking.run_name"), ("tracking.experiment=team/exp", "tracking.experiment"),
+     ("tracking.experiment=a\\b", "tracking.experiment")],
+)
+def test_tracking_names_that_are_paths_are_rejected(override, key):
+    with pytest.raises(ConfigError, match=rf"^{key}: .* is used as a folder name under tracking.output_dir") as err:
+        load_config(None, [override])
+    assert ("MLflow" in str(err.value)) == (key == "tracking.experiment")
+    cfg = load_config(None, ["tracking.run_name=v1..v2", "tracking.experiment=exp.2"])  # dots alone are fine
+    assert cfg.tracking.run_name == "v1..v2"
+
+
 def test_unknown_strategy_lists_the_known_ones():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["strategy.name=does_not_exist"])

@@ -69,6 +69,8 @@ def test_config_is_typed_and_defaults_are_the_extendability_stream():
         (["pretrain.steps=5"], "pretrain.tasks: must be a non-empty list"),
         (["data.domains=[agnews,agnews]"], "data.domains: must be a list without repeated"),
         (["data.heldout_fraction=0"], "data.heldout_fraction"),
+        (["tracking.run_name=../escape"], "tracking.run_name: '../escape' is used as a folder name"),
+        (["tracking.experiment=/abs/lm"], "tracking.experiment: '/abs/lm' is used as a folder name"),
         (["training.steps_per_domain=0"], "training.steps_per_domain: must be >= 1"),
         (["training"], "not of the form key=value"),
         (["expansion.upcycle=clone"], "expansion.upcycle: must be one of"),
@@ -119,6 +121,14 @@ def test_next_token_loss_and_schedule():
     manual = torch.stack([-torch.log_softmax(logits[b, t], -1)[ids[b, t + 1]] for b in range(2) for t in range(4)]).mean()
     torch.testing.assert_close(next_token_loss(logits, ids), manual)
     assert [lr_factor(s, 10, 2) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+
+
+def test_perplexity_of_a_diverged_model_is_inf_not_an_overflow():
+    blocks = torch.zeros(2, 4, dtype=torch.long)
+    huge = lambda model, ids: torch.tensor(1e4)  # exp(1e4) does not fit a float
+    assert perplexity(torch.nn.Identity(), blocks, 2, torch.device("cpu"), loss=huge) == math.inf
+    nan = lambda model, ids: torch.tensor(float("nan"))
+    assert math.isnan(perplexity(torch.nn.Identity(), blocks, 2, torch.device("cpu"), loss=nan))
 
 
 # --------------------------------------------------------------------------------------------------- experts mode
@@ -259,6 +269,37 @@ def test_cli_runs_a_causal_lm_dense_and_upcycled(tmp_path, cl_root, llama_folder
     assert "expansion.att_experts_per_domain: must be 0 for an upcycled LlamaForCausalLM" in capsys.readouterr().err
     assert main(["lm", str(preset), "training.lrr=1"]) == 2
     assert "training.lrr" in capsys.readouterr().err
+
+
+def test_a_nan_loss_in_a_later_domain_keeps_the_earlier_rows(tmp_path, cl_root):
+    from continual.training import NonFiniteLossError
+
+    def poison(i, model):  # after the first domain: every later forward pass is NaN
+        if i == 0:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+
+    cfg = tiny_config(tmp_path, cl_root, "tracking.run_name=nan")
+    with pytest.raises(NonFiniteLossError, match="loss became nan in domain RTE at step 0"):
+        run_continual_lm(cfg, echo=lambda _: None, after_domain=poison)
+    summary = json.loads((tmp_path / "out" / "lm-SST-2-RTE" / "nan" / "summary.json").read_text())
+    assert summary["failed"] and all(math.isfinite(v) for v in summary["matrix"][0]) and summary["matrix"][1] == [None, None]
+    assert [r["domain"] for r in summary["records"]] == ["SST-2"]
+
+
+def test_cli_reports_a_diverging_loss_without_a_traceback(tmp_path, cl_root, capsys):
+    from continual.cli import main
+
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(OmegaConf.to_yaml(tiny_config(tmp_path, cl_root, "tracking.run_name=diverges")))
+    assert main(["lm", str(preset), "training.lr=1e30"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: loss became nan in domain SST-2") and "lower the learning rate" in err
+    assert "Traceback" not in err
+    folder = tmp_path / "out" / "lm-SST-2-RTE" / "diverges"
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["failed"] and all(math.isfinite(v) for v in summary["initial"])  # measured before training
+    assert (folder / "config.yaml").is_file() and (folder / "perplexity_matrix.csv").is_file()
 
 
 def test_a_saved_moduleformer_loads_as_a_causal_lm_that_can_grow(tmp_path):

@@ -155,6 +155,22 @@ def test_import_is_cheap():
     assert out.stdout.strip() == "False"
 
 
+def test_a_run_folder_is_never_opened_outside_the_output_dir(tmp_path):
+    from omegaconf import OmegaConf
+
+    from continual.config import ConfigError
+    from continual.training import open_run_dir
+
+    cfg = OmegaConf.create({"tracking": {"output_dir": str(tmp_path / "out")}})
+    with pytest.raises(ConfigError, match=r"^tracking.run_name: '../escape' is used as a folder name"):
+        open_run_dir(tmp_path / "out" / "exp", "../escape", cfg)
+    with pytest.raises(ConfigError, match=r"^tracking.experiment: the run folder .* would be outside tracking.output_dir"):
+        open_run_dir(tmp_path / "out" / ".." / "elsewhere", "run", cfg)  # a derived experiment name that climbs out
+    assert not (tmp_path / "out").exists() and not (tmp_path / "elsewhere").exists()
+    folder = open_run_dir(tmp_path / "out" / "exp", "run", cfg)
+    assert folder == tmp_path / "out" / "exp" / "run" and (folder / "config.yaml").is_file()
+
+
 def test_fresh_run_dir_never_reuses_a_folder_with_artifacts(tmp_path):
     first = fresh_run_dir(tmp_path / "exp", "tint-smollm2-seed0")
     assert first == tmp_path / "exp" / "tint-smollm2-seed0" and first.is_dir()

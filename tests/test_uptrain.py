@@ -43,6 +43,8 @@ def test_config_is_typed_and_checked():
         (["recursion.sharing=ring"], "recursion: sharing must be one of"),
         (["data.heldout_fraction=0"], "data.heldout_fraction"),
         (["training.steps"], "not of the form key=value"),
+        (["tracking.run_name=../../escape"], "tracking.run_name: '../../escape' is used as a folder name"),
+        (["tracking.experiment=../up"], "tracking.experiment: '../up' is used as a folder name"),
     ]
     for overrides, match in cases:
         with pytest.raises(ConfigError, match=match):
@@ -115,3 +117,16 @@ def test_encoder_distillation_uptraining(tmp_path, cl_root, monkeypatch):
     assert result.metric == "distill_mse" and 0 < result.after < 0.8 * result.before
     loaded = load_recursive(result.folder)
     assert loaded.encoder.layer[0].attention.self.query.weight is loaded.encoder.layer[2].attention.self.query.weight
+
+
+def test_cli_reports_a_diverging_loss_and_keeps_what_was_measured(tmp_path, cl_root, llama_folder, capsys):
+    from continual.cli import main
+
+    overrides = _overrides(tmp_path, cl_root, f"model.name={llama_folder}", "data.max_sentences=100", "training.steps=4",
+                           "training.eval_blocks=2", "recursion.rank=2", "tracking.enabled=false",
+                           "tracking.run_name=diverges", "training.lr=1e30")
+    assert main(["uptrain", *overrides]) == 1
+    err = capsys.readouterr().err
+    assert "\nerror: loss became nan in uptrain at step" in err and "Traceback" not in err  # after a progress bar
+    summary = json.loads((tmp_path / "out" / "diverges" / "uptrain_summary.json").read_text())
+    assert summary["failed"] and summary["original"] > 0 and summary["before"] > 0 and summary["after"] is None

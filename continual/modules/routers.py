@@ -21,6 +21,7 @@ the ``continual.routers`` entry-point group, each entry a :class:`RouterSpec`).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Protocol, Tuple, runtime_checkable
 
@@ -230,6 +231,8 @@ class RouterSpec:
 
 
 ROUTERS: Dict[str, RouterSpec] = {}
+_BROKEN: Dict[str, str] = {}  # entry-point name -> why it could not be registered (warned once, then skipped)
+_LOADED_ENTRY_POINTS = False
 
 
 def register_router(name: str, factory: Callable[..., InferringRouter], config: type, needs_features: bool = True) -> None:
@@ -242,10 +245,21 @@ def register_router(name: str, factory: Callable[..., InferringRouter], config: 
 def _load_entry_points() -> None:
     from importlib.metadata import entry_points
 
+    global _LOADED_ENTRY_POINTS
+    if _LOADED_ENTRY_POINTS:
+        return
+    _LOADED_ENTRY_POINTS = True
     for point in entry_points(group="continual.routers"):
-        if point.name not in ROUTERS:
+        if point.name in ROUTERS:
+            continue
+        # A broken plugin must not take the other routers down with it: warn once, skip it, and say why when the
+        # router is asked for by name.
+        try:
             spec = point.load()  # a RouterSpec
             register_router(point.name, spec.factory, spec.config, spec.needs_features)
+        except Exception as err:
+            _BROKEN[point.name] = f"router entry point {point.name!r} ({point.value}) failed to import: {type(err).__name__}: {err}"
+            warnings.warn(f"{_BROKEN[point.name]}; skipped it", RuntimeWarning, stacklevel=2)
 
 
 def router_names() -> List[str]:
@@ -258,6 +272,8 @@ def router_spec(name: str) -> RouterSpec:
     if name not in ROUTERS:
         _load_entry_points()
     if name not in ROUTERS:
+        if name in _BROKEN:
+            raise KeyError(_BROKEN[name])
         raise KeyError(f"unknown router {name!r}; registered: {', '.join(router_names())}")
     return ROUTERS[name]
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from continual.config import ConfigError, TrackingConfig, merge_layers, read_layers
+from continual.config import ConfigError, TrackingConfig, check_folder_name, merge_layers, read_layers
 from continual.training.experiment import load_run_config, resolve_preset
 
 
@@ -65,6 +65,10 @@ def load_compare_config(path: str | Path, overrides: Sequence[str] = ()) -> Dict
     names = [run.name for run in cfg.runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"runs: names must be unique, got {names}")
+    # The comparison's name and each run's name (in its cells' ids) become folder names under output_dir.
+    check_folder_name("name", cfg.name, under="output_dir")
+    for i, name in enumerate(names):
+        check_folder_name(f"runs.{i}.name", name, under="output_dir")
     for key in ("orders", "seeds"):
         if not cfg[key]:
             raise ConfigError(f"{key}: give at least one")

@@ -25,7 +25,15 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from continual.config import ConfigError, TrackingConfig, flatten, merge_layers, read_layers, to_yaml
+from continual.config import (
+    ConfigError,
+    TrackingConfig,
+    check_tracking_names,
+    flatten,
+    merge_layers,
+    read_layers,
+    to_yaml,
+)
 from continual.models.recursive import RecursionConfig
 from continual.training import (
     BlockLoss,
@@ -132,6 +140,7 @@ def load_uptrain_config(path: str | Path | None = None, overrides: Sequence[str]
         RecursionConfig(**OmegaConf.to_container(cfg.recursion))
     except ValueError as err:
         raise ConfigError(f"recursion: {err}") from None
+    check_tracking_names(cfg.tracking)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

@@ -38,12 +38,19 @@ def load_run_config(
         A resolved, read-only ``DictConfig`` (see :func:`continual.config.load_experiment_config`).
 
     Raises:
-        ConfigError: unknown key, wrong type, unknown strategy or router, or out-of-range choice, naming the full key.
+        ConfigError: unknown key, wrong type, unknown strategy or router, out-of-range choice, or an option the
+            strategy's or the router's constructor rejects, naming the full key.
     """
     from continual.modules.routers import router_spec
-    from strategies.registry import get_strategy_config_class
+    from continual.training.routing import make_router
+    from strategies.registry import build_strategy, get_strategy_config_class
 
-    return load_experiment_config(
+    cfg = load_experiment_config(
         path, overrides, extra, strategy_schema=get_strategy_config_class,
         router_schema=lambda name: router_spec(name).config,
     )
+    # Options only the constructors check (a delta kind's name, a router's range): build both once and drop them,
+    # so a bad option fails here, before any data or model is read (and before `continual compare` runs a cell).
+    build_strategy(cfg.strategy)
+    make_router(cfg.router)
+    return cfg

@@ -112,8 +112,12 @@ def perplexity(
     loss: BlockLoss = next_token_block_loss,
     progress: bool = False,
 ) -> float:
-    """Held-back perplexity ``exp(mean next-token loss)`` over ``[N, T]`` blocks (see :func:`evaluate_loss`)."""
-    return math.exp(evaluate_loss(model, blocks, batch_size, device, loss, progress))
+    """Held-back perplexity ``exp(mean next-token loss)`` over ``[N, T]`` blocks (see :func:`evaluate_loss`); ``inf``
+    when the loss is too large for a float (a diverged model is measured, not an error), NaN for a NaN loss."""
+    try:
+        return math.exp(evaluate_loss(model, blocks, batch_size, device, loss, progress))
+    except OverflowError:
+        return math.inf
 
 
 def train_on_blocks(

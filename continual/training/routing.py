@@ -29,7 +29,8 @@ def make_router(cfg):
     try:
         return build_router(cfg.name, **router_options(cfg))
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"router: {err}") from err
+        message = str(err)
+        raise ConfigError(message if message.startswith("router") else f"router: {message}") from err
 
 
 def attach_router(model: nn.Module, router, cfg, strategy_name: str):

@@ -123,3 +123,40 @@ def test_no_module_acts_under_zero_slot_weights_or_a_bypass(tiny_backbone):
             ids, mask, positions, n_virtual = model.bank.prepare_inputs(x[:, 0], x[:, 1])
             zero = model.encode(ids, mask, positions if n_virtual else None, n_virtual)
         torch.testing.assert_close(zero, plain.encode(x[:, 0], x[:, 1]))
+
+
+def test_a_router_plugin_that_fails_to_import_is_skipped_with_one_warning(monkeypatch):
+    import warnings
+    from dataclasses import dataclass
+
+    from continual.config import RouterConfig
+    from continual.modules import routers
+
+    @dataclass
+    class MineConfig(RouterConfig):
+        name: str = "mine"
+
+    class FakeEntryPoint:
+        def __init__(self, name, value, load):
+            self.name, self.value, self.load = name, value, load
+
+    def broken():
+        raise ImportError("No module named 'faiss_magic'")
+
+    points = [FakeEntryPoint("broken", "broken_pkg:SPEC", broken),
+              FakeEntryPoint("mine", "my_pkg:SPEC", lambda: routers.RouterSpec(routers.KeysRouter, MineConfig))]
+    monkeypatch.setattr("importlib.metadata.entry_points", lambda group: points if group == "continual.routers" else [])
+    monkeypatch.setattr(routers, "ROUTERS", dict(routers.ROUTERS))
+    monkeypatch.setattr(routers, "_BROKEN", {})
+    monkeypatch.setattr(routers, "_LOADED_ENTRY_POINTS", False)
+    with pytest.warns(RuntimeWarning, match=r"router entry point 'broken' \(broken_pkg:SPEC\) failed to import: "
+                                            r"ImportError: No module named 'faiss_magic'; skipped it"):
+        names = routers.router_names()
+    assert {"oracle", "prototype", "keys", "entropy", "mine"} <= set(names) and "broken" not in names
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once
+        assert routers.router_spec("keys").config.__name__ == "KeysConfig"
+        with pytest.raises(KeyError, match="'broken' .*failed to import: .*faiss_magic"):
+            routers.router_spec("broken")
+        with pytest.raises(ValueError, match="router.name: router entry point 'broken' .*faiss_magic"):
+            build_router("broken")

@@ -161,9 +161,10 @@ def test_config_errors_name_the_key(tmp_path):
     base = {"strategy": {"name": "recursive"}}
     with pytest.raises(ConfigError, match="strategy.recursion.loops"):
         load_config(None, ["strategy.recursion.loops=2"], extra=base)
-    cfg = load_config(None, ["strategy.recursion.sharing=ring"], extra=base)
-    with pytest.raises(ValueError, match="strategy.recursion: sharing must be one of"):
-        build_strategy(cfg.strategy)
+    with pytest.raises(ConfigError, match="strategy.recursion: sharing must be one of"):  # the constructor's check,
+        load_config(None, ["strategy.recursion.sharing=ring"], extra=base)  # made when the config loads
+    with pytest.raises(ConfigError, match="strategy.recursion: sharing must be one of"):
+        build_strategy({"name": "recursive", "recursion": {"sharing": "ring"}})
     with pytest.raises(ValueError, match="task_init"):
         RecursiveStrategy(task_init="pissa")
     with pytest.raises(ValueError, match="strategy.rank"):

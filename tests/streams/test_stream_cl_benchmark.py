@@ -137,6 +137,33 @@ def test_broken_json_lines_names_the_line(tmp_path, make_task):
         load_cl_task(tmp_path, "t")
 
 
+@pytest.mark.parametrize("file", ["train.json", "test.json", "labels.json", "train.jsonl"])
+def test_a_file_that_is_not_utf8_is_named_with_the_byte_offset(tmp_path, make_task, file):
+    folder = make_task(tmp_path, "G", "t")
+    if file == "labels.json":
+        data = '["neg", "caf\u00e9"]'.encode("latin-1")  # offset 13: the e-acute, one byte in Latin-1
+    else:
+        data = '[{"sentence": "caf\u00e9", "label": "neg"}]'.encode("latin-1")  # offset 18
+        if file.endswith(".jsonl"):
+            (folder / "train.json").unlink()
+            data = b'{"sentence": "ok", "label": "neg"}\n' + data[1:-1]  # line 2 of a JSON Lines file
+    (folder / file).write_bytes(data)
+    with pytest.raises(StreamError) as err:
+        load_cl_task(tmp_path, "t")
+    offset = data.index(b"\xe9")
+    assert str(err.value).startswith(f"{folder / file}: not UTF-8 text (byte 0xe9 at byte offset {offset}, line ")
+    assert "iconv" in str(err.value)
+
+
+def test_a_byte_order_mark_is_allowed_and_offsets_count_it(tmp_path, make_task):
+    folder = make_task(tmp_path, "G", "t")
+    (folder / "labels.json").write_bytes(b"\xef\xbb\xbf" + '["neg", "pos"]'.encode())
+    assert load_cl_task(tmp_path, "t").labels == ("neg", "pos")
+    (folder / "test.json").write_bytes(b"\xef\xbb\xbf[\n" + '{"sentence": "na\u00efve", "label": "pos"}]'.encode("cp1252"))
+    with pytest.raises(StreamError, match=r"test.json: not UTF-8 text \(byte 0xef at byte offset 21, line 2\)"):
+        load_cl_task(tmp_path, "t")
+
+
 @pytest.mark.parametrize(
     "content,expected",
     [

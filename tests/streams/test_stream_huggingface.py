@@ -57,6 +57,21 @@ def fake_hub(monkeypatch, splits):
     return calls
 
 
+def test_a_cached_data_file_that_is_not_utf8_is_not_called_unreachable(monkeypatch, tmp_path):
+    def load_dataset(path, name=None, cache_dir=None, **kwargs):
+        try:
+            b"caf\xe9".decode("utf-8")
+        except UnicodeDecodeError as err:  # how datasets reports a builder's failure: wrapped
+            raise datasets.exceptions.DatasetGenerationError("An error occurred while generating the dataset") from err
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with pytest.raises(StreamError) as err:
+        load_hf_task("hf:ag_news", "test", cache_dir=str(tmp_path / "hf"))
+    message = str(err.value)
+    assert message.startswith("hf:ag_news: a data file of ") and "is not UTF-8 text" in message
+    assert "position 3" in message and str(tmp_path / "hf") in message and "could not be reached" not in message
+
+
 def nli_split(rows):
     features = datasets.Features({
         "premise": datasets.Value("string"),

@@ -78,3 +78,10 @@ def test_errors_name_the_task_or_file(tmp_path, make_task, cl_root):
     (tmp_path / "G" / "tiny" / "train.json").write_text('[{"label": "pos"}]')
     with pytest.raises(StreamError, match=r"train.json: item 0 has no string \"sentence\""):
         read_sentences(tmp_path, "tiny")
+
+
+def test_text_that_is_not_utf8_names_the_file(tmp_path, make_task):
+    folder = make_task(tmp_path, "G", "t")
+    (folder / "train.json").write_bytes('[{"sentence": "\u00a3 5", "label": "neg"}]'.encode("latin-1"))
+    with pytest.raises(StreamError, match=rf"{folder / 'train.json'}: not UTF-8 text \(byte 0xa3 at byte offset 15"):
+        read_sentences(tmp_path, "t")

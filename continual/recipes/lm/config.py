@@ -14,7 +14,15 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from continual.config import ConfigError, RouterConfig, TrackingConfig, chosen_name, merge_layers, read_layers
+from continual.config import (
+    ConfigError,
+    RouterConfig,
+    TrackingConfig,
+    check_tracking_names,
+    chosen_name,
+    merge_layers,
+    read_layers,
+)
 from continual.modules.experts import GATES, UPCYCLING
 from continual.training import TextDataConfig
 
@@ -222,6 +230,7 @@ def load_lm_config(
         raise ConfigError(f"router.name: {err.args[0]}") from None
     cfg = merge_layers(schema, layers)
     _check(cfg)
+    check_tracking_names(cfg.tracking)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
