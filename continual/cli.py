@@ -92,6 +92,13 @@ def cmd_lm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    from continual.tracking_sync import sync_run
+
+    print(sync_run(args.run_dir, uri=args.uri).describe())
+    return 0
+
+
 def _known_errors() -> tuple:
     from continual.config import ConfigError
     from continual.models.backbone import BackboneError
@@ -130,6 +137,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     lm.add_argument("config", help="YAML file (e.g. configs/lm/moduleformer_experts.yaml) or a preset name")
     lm.add_argument("overrides", nargs="*", help="e.g. expansion.mode=dense training.steps_per_domain=50")
     lm.set_defaults(func=cmd_lm)
+    sync = sub.add_parser("sync", help="upload what a run's tracking store missed (an outage) from its journal")
+    sync.add_argument("run_dir", help="the run folder (holding tracking/journal.jsonl)")
+    sync.add_argument("--uri", help="upload into a new run at this tracking URI instead of the run's own store")
+    sync.set_defaults(func=cmd_sync)
     lst = sub.add_parser("list", help="list named streams, strategies and presets")
     lst.set_defaults(func=cmd_list)
     args = parser.parse_args(argv)
