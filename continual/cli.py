@@ -67,6 +67,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    from continual.recipes.run import resume_experiment
+
+    resume_experiment(args.run_dir, overrides=args.overrides, previous=args.previous)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from continual.recipes.saved import eval_run
+
+    eval_run(args.run_dir, overrides=args.overrides)
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from continual.recipes.saved import predict_file
+
+    predict_file(args.run_dir, args.input, task=args.task, output=args.output, overrides=args.overrides)
+    return 0
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from continual.recipes.compare import load_compare_config, run_compare
 
@@ -104,6 +125,10 @@ def _known_errors() -> tuple:
     from continual.models.backbone import BackboneError
 
     errors = [ConfigError, BackboneError]
+    if "continual.training.run_state" in sys.modules:
+        from continual.training.run_state import RunStateError
+
+        errors.append(RunStateError)
     try:
         from streams.errors import StreamError
 
@@ -124,6 +149,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     run.add_argument("config", help="YAML file, or the name of a preset in configs/ (see `continual list`)")
     run.add_argument("overrides", nargs="*", help="e.g. training.lr=1e-4 strategy.name=ewc stream.order=2")
     run.set_defaults(func=cmd_run)
+    resume = sub.add_parser("resume", help="continue a killed run from its last finished task (same folder and MLflow run)")
+    resume.add_argument("run_dir", help="the run folder (tracking.output_dir/<experiment>/<run name>)")
+    resume.add_argument("overrides", nargs="*", help="only keys that change no result, e.g. training.device=cuda")
+    resume.add_argument("--previous", action="store_true",
+                        help="continue from the state before the last one (when the last one is corrupt)")
+    resume.set_defaults(func=cmd_resume)
+    evaluate = sub.add_parser("eval", help="reload a run's final model and evaluate it (default: reproduces its last row)")
+    evaluate.add_argument("run_dir", help="the run folder")
+    evaluate.add_argument("overrides", nargs="*", help="e.g. stream.test_per_task=1000 stream.eval_split=dev")
+    evaluate.set_defaults(func=cmd_eval)
+    predict = sub.add_parser("predict", help="predict labels for texts with a run's model (one JSON line per input)")
+    predict.add_argument("run_dir", help="the run folder")
+    predict.add_argument("--input", required=True, help="JSON lines: {\"text\": ...} objects or JSON strings")
+    predict.add_argument("--task", default=None, help="the task of every input; omitted: the run's router decides")
+    predict.add_argument("--output", default=None, help="write the JSON lines here instead of the terminal")
+    predict.add_argument("overrides", nargs="*", help="e.g. training.device=cpu")
+    predict.set_defaults(func=cmd_predict)
     compare = sub.add_parser("compare", help="run a grid of presets x orders x seeds and compare them in one table")
     compare.add_argument("config", help="compare YAML (e.g. configs/compare/standard.yaml) or a preset name")
     compare.add_argument("overrides", nargs="*", help="e.g. seeds=[0,1] orders=[1] set=[training.device=cuda]")

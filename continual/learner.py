@@ -20,6 +20,7 @@ from torch import nn
 
 from continual.expansion import ExpansionStrategy, TaskInfo
 from continual.training import NonFiniteLossError, check_finite_loss, set_trainable
+from continual.training.run_state import kill_point
 
 __all__ = ["ContinualLearner", "NonFiniteLossError", "build_optimizer"]  # NonFiniteLossError: what train() raises
 
@@ -81,6 +82,10 @@ class ContinualLearner(SupervisedTemplate):
             evaluator = EvaluationPlugin(accuracy_metrics(experience=True), loggers=[])
         # Avalanche wants an optimizer up front; the real one is made per task in make_optimizer.
         placeholder = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
+        # The strategy's Avalanche plugins (their state is part of a run's state) and the names of every parameter
+        # that has trained so far (what a run state must keep besides the modules allocated per task).
+        self.strategy_plugins = list(strategy.avalanche_plugins())
+        self.trained_names: set = set()
         super().__init__(
             model=model,
             optimizer=placeholder,
@@ -90,7 +95,7 @@ class ContinualLearner(SupervisedTemplate):
             eval_mb_size=eval_mb_size,
             device=device,
             # The learner's own hooks come last, so EWC/LwF/replay see the model as trained before it is frozen.
-            plugins=list(plugins or []) + list(strategy.avalanche_plugins()) + [_LearnerHooks()],
+            plugins=list(plugins or []) + self.strategy_plugins + [_LearnerHooks()],
             evaluator=evaluator,
         )
 
@@ -124,6 +129,8 @@ class ContinualLearner(SupervisedTemplate):
             wanted = self.strategy.trainable_parameters(self.model, task)
         params = set_trainable(self.model, wanted)
         self.trainable_count = sum(p.numel() for p in params)
+        chosen = {id(p) for p in params}
+        self.trained_names.update(name for name, p in self.model.named_parameters() if id(p) in chosen)
         if params:  # nothing to train (a test-time strategy such as TinT): the task runs no epoch
             self.optimizer = build_optimizer(self.optimizer_name, params, self.lr, self.weight_decay)
 
@@ -215,6 +222,7 @@ class _LearnerHooks(SupervisedPlugin):
             )
 
     def after_training_iteration(self, strategy: "ContinualLearner", **kwargs):
+        kill_point("train", strategy.current_task.index)  # fault-injection tests: a kill during training
         if strategy._bar is not None:
             strategy._bar.update(1)
             mean = strategy._loss_sum / max(strategy._loss_count, 1)

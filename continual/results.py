@@ -21,6 +21,7 @@ class TaskRecord:
     train_loss: float  # mean training loss over the task's last epoch
     stored_bytes: int = 0  # bytes of this task's checkpoint (0 when checkpoints are off)
     router_bytes: int = 0  # bytes a task-inferring router keeps for this task (0 for the oracle)
+    strategy_metrics: Dict[str, float] = field(default_factory=dict)  # what the strategy reports (e.g. pruning)
 
 
 @dataclass
@@ -44,6 +45,24 @@ class RunResult:
     routing_matrix: Optional[np.ndarray] = None
     routing_confusion: Optional[np.ndarray] = None
     eval_seconds: Optional[Dict[str, float]] = None
+
+    @classmethod
+    def from_dict(cls, data: Dict, output_dir: Optional[Path] = None) -> "RunResult":
+        """Inverse of :meth:`to_dict` (None entries back to NaN)."""
+        def array(rows):
+            return None if rows is None else np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=float)
+
+        return cls(
+            task_names=list(data["task_names"]),
+            matrix=array(data["matrix"]),
+            initial=None if data.get("initial") is None else np.array(data["initial"], dtype=float),
+            records=[TaskRecord(**r) for r in data.get("records", [])],
+            output_dir=output_dir,
+            oracle_matrix=array(data.get("oracle_matrix")),
+            routing_matrix=array(data.get("routing_matrix")),
+            routing_confusion=array(data.get("routing_confusion")),
+            eval_seconds=dict(data["eval_seconds"]) if data.get("eval_seconds") else None,
+        )
 
     def to_dict(self) -> Dict:
         return {

@@ -47,6 +47,24 @@ def to_classification_dataset(hf_dataset, task_index: int, target_index: Sequenc
     return _make_taskaware_classification_dataset(data, task_labels=task_index, targets=targets)
 
 
+def dataset_from_tensors(x: torch.Tensor, targets: torch.Tensor, task_labels: torch.Tensor):
+    """A task-aware Avalanche dataset of already tokenized samples (e.g. a replay memory read back from a run's state).
+
+    Args:
+        x: ``[N, 2, L]`` token ids stacked on the attention mask.
+        targets: ``[N]`` class indices in the head's label space.
+        task_labels: ``[N]`` task label of each sample.
+    """
+    from avalanche.benchmarks.utils import _make_taskaware_classification_dataset
+
+    data = TokenizedClassificationData(x[:, 0], x[:, 1], targets.tolist())
+    labels = sorted(set(int(t) for t in task_labels))
+    # One task: a constant label, as the stream's own datasets have (Avalanche cannot concatenate a constant task
+    # label sequence with a per-sample one).
+    task = labels[0] if len(labels) == 1 else [int(t) for t in task_labels]
+    return _make_taskaware_classification_dataset(data, task_labels=task, targets=data.targets)
+
+
 def to_avalanche_benchmark(stream, target_index: Callable[[int], List[int]]):
     """Build a benchmark with ``train_stream`` and ``test_stream``, experience i = task i (task label i).
 

@@ -70,6 +70,28 @@ def _quiet_datasets() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
+def _encode(texts, tokenizer, max_length: int) -> dict:
+    """The one way a text becomes model input here: truncated and right-padded to exactly ``max_length`` tokens."""
+    saved = getattr(tokenizer, "padding_side", None)
+    tokenizer.padding_side = _PADDING_SIDE
+    try:
+        out = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_length)
+    finally:
+        if saved is not None:
+            tokenizer.padding_side = saved
+    return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+
+def encode_texts(texts, tokenizer, max_length: int):
+    """Raw texts as a stream's samples are: ``[N, 2, max_length]`` token ids stacked on the attention mask (what
+    ``continual predict`` feeds a trained model), tokenized exactly as :func:`tokenize_split` does."""
+    import torch
+
+    out = _encode(texts, tokenizer, max_length)
+    return torch.stack([torch.tensor(out["input_ids"], dtype=torch.long),
+                        torch.tensor(out["attention_mask"], dtype=torch.long)], dim=1)
+
+
 def tokenize_split(split: TaskSplit, tokenizer, max_length: int, cache_dir: Path, key: str):
     """Tokenize ``split`` (or load it from the cache).
 
@@ -96,14 +118,7 @@ def tokenize_split(split: TaskSplit, tokenizer, max_length: int, cache_dir: Path
         cache_dir.mkdir(parents=True, exist_ok=True)
 
         def encode(batch):
-            saved = getattr(tokenizer, "padding_side", None)
-            tokenizer.padding_side = _PADDING_SIDE
-            try:
-                out = tokenizer(batch["text"], padding="max_length", truncation=True, max_length=max_length)
-            finally:
-                if saved is not None:
-                    tokenizer.padding_side = saved
-            return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+            return _encode(batch["text"], tokenizer, max_length)
 
         with _quiet_datasets():
             raw = datasets.Dataset.from_dict(

@@ -27,7 +27,7 @@ def layer_of(module: str) -> Optional[int]:
     top = module.split(".")[0]
     if top not in PACKAGES:
         return None
-    if module == "continual.cli" or module == "continual.__main__":
+    if module in ("continual", "continual.cli", "continual.__main__"):  # the package root is the Python facade
         return CLI
     if module == "continual.recipes" or module.startswith("continual.recipes."):
         return RECIPES
@@ -110,6 +110,7 @@ def test_the_layers_are_respected():
 
 @pytest.mark.parametrize("module, layer", [
     ("continual.cli", CLI),
+    ("continual", CLI),
     ("continual.recipes.run", RECIPES),
     ("continual.learner", KIT),
     ("strategies.delta", STRATEGIES),

@@ -289,6 +289,53 @@ class ContinualClassifier(MultiTaskModule):
             self._position_ids_for = (backbone_type, "position_ids" in inspect.signature(self.backbone.forward).parameters)
         return self._position_ids_for[1]
 
+    @torch.no_grad()
+    def answer(self, x: torch.Tensor, tasks: torch.Tensor | None = None) -> tuple:
+        """What the model answers for inputs, in label strings' terms (``continual predict``).
+
+        Args:
+            x: ``[B, 2, L]`` token ids stacked on the attention mask.
+            tasks: ``[B]`` the task of each input when known; None lets the router decide (a shared head needs
+                neither: it answers over every label seen so far).
+
+        Returns:
+            ``(probabilities [B, W], answering task [B])``: probabilities over the labels of each sample's answering
+            task (:meth:`label_of` names them; -1 as the task means the shared head's labels).
+
+        Raises:
+            ValueError: no task given and nothing to infer it with (a per-task head and no router).
+        """
+        shared = getattr(self.heads, "mode", "task") == "shared"
+        if tasks is None and shared:
+            tasks = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            return torch.softmax(self.routed_logits(x, tasks).float(), -1), torch.full_like(tasks, -1)
+        if tasks is None:
+            if self.task_router is None or not self.task_router.tasks:
+                raise ValueError("this model routes by the task id (no task-inferring router): give the task")
+            if self.router_top_k > 1:  # soft route: the top task's labels, mixed with the others' by label string
+                scores, candidates = self.task_scores(x)
+                top = candidates[scores.argmax(1)]
+                log_probs = self._soft_routed(x, top)
+                self.routing_log.pop()  # not an evaluation: nothing to count
+                return log_probs[:, :-1].exp(), top
+            tasks = self.infer_tasks(x)
+        tasks = tasks.to(x.device).long()
+        logits = self.routed_logits(x, tasks).float()
+        if shared:  # the given task's labels only
+            allowed = torch.zeros_like(logits, dtype=torch.bool)
+            for task in tasks.unique().tolist():
+                rows = tasks == task
+                allowed[rows.nonzero(as_tuple=True)[0][:, None], torch.tensor(self.heads.target_index(task), device=x.device)] = True
+            logits = logits.masked_fill(~allowed, float("-inf"))
+            return torch.softmax(logits, -1), torch.full_like(tasks, -1)
+        return torch.softmax(logits, -1), tasks
+
+    def label_of(self, task: int, index: int) -> str:
+        """The label string of output ``index`` of task ``task``'s answers (-1: the shared head's labels)."""
+        if task < 0:
+            return self.heads.shared_labels[index]
+        return self.heads.task_labels[task][index]
+
     # Avalanche's MultiTaskModule routes single-task calls through here (LwF's forward_all_tasks, for one).
     def forward_single_task(self, x: torch.Tensor, task_label: int) -> torch.Tensor:
         return self.forward(x, task_label)

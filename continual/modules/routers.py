@@ -48,6 +48,12 @@ class InferringRouter(Protocol):
     def stored_bytes(self, task: int) -> int:
         """Bytes kept for task ``task`` (a share of anything shared across tasks is counted at the first task)."""
 
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """Everything fitted so far, as named tensors (saved with a run's state, so a run can resume and reload)."""
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`state_dict`, on a router built with the same options."""
+
 
 def _check_new_task(router, task: int, features: torch.Tensor) -> None:
     if task in router.tasks:
@@ -121,6 +127,20 @@ class PrototypeRouter:
         shared = _nbytes(self.scatter) if task == min(self.tasks) else 0
         return _nbytes(*self.tasks[task]) + shared
 
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        state = {"tasks": torch.tensor(sorted(self.tasks), dtype=torch.long), "dof": torch.tensor(self.dof)}
+        if self.scatter is not None:
+            state["scatter"] = self.scatter
+        for task, (means, counts) in self.tasks.items():
+            state[f"{task}.means"], state[f"{task}.counts"] = means, counts
+        return state
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        self.tasks = {int(t): (state[f"{int(t)}.means"].clone(), state[f"{int(t)}.counts"].clone())
+                      for t in state["tasks"].tolist()}
+        self.scatter = state["scatter"].clone() if "scatter" in state else None
+        self.dof, self._precision = float(state["dof"]), None
+
 
 @dataclass
 class KeysRouter:
@@ -150,6 +170,13 @@ class KeysRouter:
     def stored_bytes(self, task: int) -> int:
         return _nbytes(self.tasks[task])
 
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {"tasks": torch.tensor(sorted(self.tasks), dtype=torch.long),
+                **{f"{task}.key": key for task, key in self.tasks.items()}}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        self.tasks = {int(t): state[f"{int(t)}.key"].clone() for t in state["tasks"].tolist()}
+
 
 @dataclass
 class EntropyRouter:
@@ -176,6 +203,12 @@ class EntropyRouter:
 
     def stored_bytes(self, task: int) -> int:
         return 0
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {"tasks": torch.tensor(sorted(self.tasks), dtype=torch.long)}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        self.tasks = {int(t): None for t in state["tasks"].tolist()}
 
 
 # ---------------------------------------------------------------------------------------------------- configs

@@ -9,14 +9,13 @@ Run: ``continual run CONFIG.yaml [key=value ...]`` (presets in ``configs/``).
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 from omegaconf import DictConfig
 
-from continual.config import ConfigError, flatten, to_yaml
+from continual.config import flatten, to_yaml
 from continual.results import RunResult, TaskRecord
 from continual.training.experiment import load_run_config
 
@@ -38,93 +37,115 @@ def default_names(cfg: DictConfig) -> tuple[str, str]:
 def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunResult:
     """Run one continual experiment described by a validated config; returns the accuracy matrix and records.
 
+    After every task the run folder keeps the run's state (``state/``), so ``continual resume RUN_DIR`` continues a
+    killed run from its last finished task.
+
     Raises:
         NonFiniteLossError: after logging everything finished before the loss diverged.
     """
+    return _run(cfg, echo)
+
+
+def resume_experiment(run_dir: str | Path, overrides: Sequence[str] = (), previous: bool = False,
+                      echo: Callable[[str], None] = print) -> RunResult:
+    """Continue a killed run from its last finished task, in the same folder and the same MLflow run.
+
+    The run's own ``config.yaml`` is loaded (``overrides`` may change only keys that change no result, such as
+    ``training.device`` or ``training.progress``). The resumed run ends with the accuracy matrix an uninterrupted
+    run with the same seed would have given (identical on CPU). A finished run is reported and left as it is.
+
+    Args:
+        previous: continue from the generation before the last (when the last one is corrupt).
+
+    Raises:
+        RunStateError: not a run folder, no finished task, a corrupt state file (named; nothing is deleted), or a
+            config that differs from the run's (the keys are named).
+    """
+    from continual.training.run_state import RunStateError, config_changes, has_state, read_state
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise RunStateError(f"{run_dir} is not a run folder (it has no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml", list(overrides))
+    own_uri = not any(o.split("=", 1)[0].strip() == "tracking.uri" for o in overrides)
+    if not has_state(run_dir):  # killed before its first task finished: start again, in the same folder and run
+        saved = flatten(load_config(run_dir / "config.yaml", []))
+        changes = config_changes(saved, flatten(cfg))
+        if changes:
+            raise RunStateError(f"{run_dir}: the config differs from the run's in {', '.join(changes)}")
+        echo(f"{run_dir}: no task had finished when the run stopped; starting it again in the same folder")
+        return _run(cfg, echo, resume=(run_dir, None, own_uri))
+    state = read_state(run_dir, previous=previous)
+    changes = config_changes(state.config, flatten(cfg))
+    if changes:
+        shown = "; ".join(f"{k}: run {state.config.get(k)!r}, now {flatten(cfg).get(k)!r}" for k in changes[:8])
+        raise RunStateError(f"{run_dir}: the config differs from the run's in {', '.join(changes)} ({shown}); a run "
+                            "resumes with its own config (only training.device, training.progress, "
+                            "training.eval_batch_size and tracking.uri/enabled may change)")
+    if state.status == "finished":
+        from continual.metrics import summarize
+        from continual.report import format_table
+
+        result = RunResult.from_dict(state.data["result"], output_dir=run_dir)
+        echo(f"{run_dir}: the run already finished all {len(result.task_names)} tasks; nothing to resume")
+        echo(format_table(result, summarize(result)))
+        return result
+    return _run(cfg, echo, resume=(run_dir, state, own_uri))
+
+
+def _run(cfg: DictConfig, echo: Callable[[str], None], resume: Optional[tuple] = None) -> RunResult:
     from continual.checkpoint import save_task_state
-    from continual.learner import ContinualLearner
     from continual.metrics import summarize
-    from continual.models.backbone import load_backbone, load_causal_lm
-    from continual.models.backbone import load_config as load_backbone_config
-    from continual.models.classifier import ContinualClassifier
-    from continual.models.label_word_classifier import build_label_word_classifier, check_causal_lm
     from continual.report import format_table
     from continual.resources import ResourceMonitor
-    from continual.tracking import ExperimentTracker
-    from continual.training import artifacts_on_failure, open_run_dir, resolve_device, seed_everything
-    from continual.training.routing import attach_router, fit_router, make_router, take_routing_counts
-    from streams.avalanche import joint_experience, to_avalanche_benchmark
-    from streams.build import build_stream
-    from strategies.registry import build_strategy
+    from continual.tracking import JOURNAL_DIR, ExperimentTracker, Journal
+    from continual.training import artifacts_on_failure, open_run_dir
+    from continual.training.classification import build_parts, make_learner, restore, state_tensors, task_subset
+    from continual.training.routing import fit_router, take_routing_counts
+    from continual.training.run_state import kill_point, mark_finished, write_state
+    from streams.avalanche import joint_experience
     from tqdm.auto import tqdm
 
     # ---------------------------------------------------------------- setup
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.training.device)
-    strategy = build_strategy(cfg.strategy)  # fail on bad strategy options before loading anything heavy
-    router = make_router(cfg.router)  # the same for the router's options
-    # A strategy may ask for a causal LM and build its own model (TinT); label words score with a causal LM's head;
-    # the default is an encoder classifier.
-    label_words = cfg.backbone.head == "label_words"
-    if label_words:  # an encoder named by mistake fails here, before its weights are read
-        _, backbone_config = load_backbone_config(
-            cfg.backbone.name, dict(cfg.backbone.config_overrides), cfg.backbone.trust_remote_code
-        )
-        with _as_config_error():
-            check_causal_lm(backbone_config, cfg.backbone.name)
-    causal = label_words or getattr(strategy, "backbone_kind", "encoder") == "causal_lm"
-    load = load_causal_lm if causal else load_backbone
-    backbone, tokenizer = load(
-        cfg.backbone.name,
-        random_init=cfg.backbone.random_init,
-        config_overrides=dict(cfg.backbone.config_overrides),
-        trust_remote_code=cfg.backbone.trust_remote_code,
-    )
-    stream = build_stream(cfg.stream, tokenizer, progress=cfg.training.progress)
-    tasks = stream.task_infos
-    build_model = getattr(strategy, "build_model", None)
-    model = build_model(backbone, tokenizer, stream, cfg.backbone) if build_model is not None else None
-    if model is None and label_words:
-        with _as_config_error():  # unusable label words or templates: the message names the key
-            model = build_label_word_classifier(
-                backbone, tokenizer, [t.name for t in tasks], [t.labels for t in tasks], name=cfg.backbone.name,
-                label_space=cfg.backbone.label_space, template=cfg.backbone.template,
-                task_templates=dict(cfg.backbone.task_templates),
-                label_words={task: dict(words) for task, words in cfg.backbone.label_words.items()},
-            )
-    if model is None:
-        model = ContinualClassifier(backbone, [t.labels for t in tasks], head=cfg.backbone.head, pooling=cfg.backbone.pooling)
-    strategy.setup(model, tasks)
-    router = attach_router(model, router, cfg.router, cfg.strategy.name)  # None: the task id routes (oracle)
-    benchmark = to_avalanche_benchmark(stream, model.heads.target_index)
-    train_exps, test_exps = list(benchmark.train_stream), list(benchmark.test_stream)
-    learner = ContinualLearner(
-        model=model,
-        strategy=strategy,
-        tasks=tasks,
-        lr=cfg.training.lr,
-        weight_decay=cfg.training.weight_decay,
-        optimizer=cfg.training.optimizer,
-        max_grad_norm=cfg.training.max_grad_norm,
-        train_mb_size=cfg.training.batch_size,
-        train_epochs=cfg.training.epochs,
-        eval_mb_size=cfg.training.eval_batch_size,
-        device=device,
-        progress=cfg.training.progress,
-    )
-
-    experiment, run_name = default_names(cfg)
-    output_dir = open_run_dir(Path(cfg.tracking.output_dir) / experiment, run_name, cfg)
-    run_name = output_dir.name  # the MLflow run and its folder share a name, suffixed when an earlier run had it
+    parts = build_parts(cfg)
+    model, strategy, router, tasks, device = parts.model, parts.strategy, parts.router, parts.tasks, parts.device
+    train_exps, test_exps = parts.train_exps, parts.test_exps
+    learner = make_learner(parts)
     names = [t.name for t in tasks]
     T = len(tasks)
-    result = RunResult(task_names=names, matrix=np.full((T, T), np.nan), output_dir=output_dir)
-    if router is not None:  # a routed run is evaluated both ways: routed (the matrix) and with the task id given
-        result.oracle_matrix = np.full((T, T), np.nan)
-        result.routing_matrix = np.full((T, T), np.nan)
-        result.eval_seconds = {"routed": 0.0, "oracle": 0.0}
-    tags = {"stream": stream.name, "strategy": cfg.strategy.name, "backbone": cfg.backbone.name, "seed": str(cfg.seed),
-            "router": cfg.router.name}
+    flat = flatten(cfg)
+    uri = cfg.tracking.uri
+    if resume is None:
+        experiment, run_name = default_names(cfg)
+        output_dir = open_run_dir(Path(cfg.tracking.output_dir) / experiment, run_name, cfg)
+        run_name = output_dir.name  # the MLflow run and its folder share a name, suffixed when an earlier run had it
+        result = RunResult(task_names=names, matrix=np.full((T, T), np.nan), output_dir=output_dir)
+        if router is not None:  # a routed run is evaluated both ways: routed (the matrix) and with the task id given
+            result.oracle_matrix = np.full((T, T), np.nan)
+            result.routing_matrix = np.full((T, T), np.nan)
+            result.eval_seconds = {"routed": 0.0, "oracle": 0.0}
+        done, run_id = 0, None
+    else:  # continue in the run's folder and MLflow run (journal: what the tracker knew when the run stopped)
+        output_dir, state, own_uri = resume
+        info = Journal(output_dir / JOURNAL_DIR).read_info()
+        experiment = info.get("experiment") or default_names(cfg)[0]
+        run_name = info.get("run_name") or output_dir.name
+        run_id = info.get("run_id") or (state.data.get("run_id") if state is not None else None)
+        if own_uri and info.get("uri"):  # resolved when the run started: the same store from any directory
+            uri = info["uri"]
+        if state is None:
+            result = RunResult(task_names=names, matrix=np.full((T, T), np.nan), output_dir=output_dir)
+            if router is not None:
+                result.oracle_matrix = np.full((T, T), np.nan)
+                result.routing_matrix = np.full((T, T), np.nan)
+                result.eval_seconds = {"routed": 0.0, "oracle": 0.0}
+            done = 0
+        else:
+            restore(parts, state, learner)  # the model, strategy, router, plugins and RNGs after the last finished task
+            result = RunResult.from_dict(state.data["result"], output_dir=output_dir)
+            done = state.finished
+    tags = {"stream": parts.stream.name, "strategy": cfg.strategy.name, "backbone": cfg.backbone.name,
+            "seed": str(cfg.seed), "router": cfg.router.name}
     if cfg.tracking.parent_run_id:  # a cell of `continual compare`: nested under its parent run
         tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
 
@@ -132,6 +153,8 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
         """Accuracy on every task's test set; with a router, also the oracle row and the routing row of ``row``."""
         started = time.perf_counter()
         accs = learner.evaluate(test_exps)
+        if row is not None:
+            kill_point("eval", row)  # fault-injection tests: a kill during evaluation
         routed = np.array([accs[j] for j in range(T)])
         counts = take_routing_counts(model, T) if router is not None else None
         if counts is None or row is None:
@@ -151,6 +174,39 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
         result.routing_confusion = counts
         return routed
 
+    def log_row(tracker, row: int, index: int) -> None:
+        """Log row ``row`` of the matrices and record ``index`` (a resumed run logs again what the tracker may have
+        missed; steps it already has are skipped)."""
+        record = result.records[index]
+        tracker.log_metrics(
+            {
+                **{f"acc/{n}": float(a) for n, a in zip(names, result.matrix[row])},
+                "acc/mean_seen": float(np.mean(result.matrix[row, : row + 1])),
+                "train_loss": record.train_loss,
+                "trainable_parameters": record.trainable_parameters,
+                "stored_parameters": record.stored_parameters,
+                "wall_time_s": record.wall_time_s,
+                "peak_memory_mb": record.peak_memory_mb,
+                "stored_bytes": record.stored_bytes,
+                **{f"strategy/{k}": v for k, v in record.strategy_metrics.items()},
+            },
+            step=row,
+        )
+        if router is not None:
+            tracker.log_metrics(
+                {
+                    **{f"acc_oracle/{n}": float(a) for n, a in zip(names, result.oracle_matrix[row])},
+                    **{f"routing_acc/{n}": float(a) for n, a in zip(names[: row + 1], result.routing_matrix[row])},
+                    "router_bytes": record.router_bytes,
+                },
+                step=row,
+            )
+
+    def save_state(finished: int, tracker) -> None:
+        groups, data = state_tensors(parts, learner)
+        data.update(result=result.to_dict(), experiment=experiment, run_name=run_name, run_id=tracker.run_id)
+        write_state(output_dir, finished, groups, data, flat)
+
     def finish(tracker, failed: bool = False) -> dict:
         """Write every artifact of what has been measured so far (also after a failure)."""
         from continual.report import (
@@ -160,7 +216,7 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
         summary = summarize(result)
         tracker.log_metrics({f"final/{k}": v for k, v in summary.items()})
         save_matrix_csv(result, output_dir / "accuracy_matrix.csv")
-        write_summary_json(result, summary, output_dir / "summary.json", extra={"failed": failed, "config": flatten(cfg)})
+        write_summary_json(result, summary, output_dir / "summary.json", extra={"failed": failed, "config": flat})
         if not np.isnan(result.matrix).all():
             plot_accuracy_matrix(result, output_dir / "accuracy_matrix.png")
             plot_forgetting_curves(result, output_dir / "forgetting_curves.png")
@@ -173,23 +229,33 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
             plot_routing_confusion(result.routing_confusion, names, output_dir / "routing_confusion.png",
                                    csv_path=output_dir / "routing_confusion.csv")
         for path in sorted(output_dir.iterdir()):
-            tracker.log_artifact(path)
+            if path.is_file():  # the run state and the tracking journal stay in the run folder
+                tracker.log_artifact(path)
         return summary
 
     # ---------------------------------------------------------------- train and evaluate
-    with ExperimentTracker(experiment, run_name, uri=cfg.tracking.uri, enabled=cfg.tracking.enabled, tags=tags) as tracker:
-        tracker.log_params(flatten(cfg))
-        tracker.log_text(to_yaml(cfg), "config.yaml")
+    tracker_args = dict(uri=uri, enabled=cfg.tracking.enabled, tags=tags, journal=output_dir / JOURNAL_DIR,
+                        run_id=run_id)
+    with ExperimentTracker(experiment, run_name, **tracker_args) as tracker:
+        if not done:
+            tracker.log_params(flat)  # a run started again logs them again: the tracker skips what it already has
+            tracker.log_text(to_yaml(cfg), "config.yaml")
         echo(f"{experiment} / {run_name}: {T} tasks ({', '.join(names)}) on {device}; {tracker.describe()}")
-        if cfg.training.eval_before_training:
+        if done:
+            echo(f"resuming {output_dir} after {done} of {T} tasks")
+            for index, row in enumerate(_finished_rows(result, strategy.trains_jointly, T)):
+                log_row(tracker, row, index)  # whatever the tracker did not get before the kill
+        if cfg.training.eval_before_training and not done:
             result.initial = evaluate_row()
             tracker.log_metrics({f"initial_acc/{n}": float(a) for n, a in zip(names, result.initial)})
 
         phases = [("all tasks", joint_experience(train_exps), T - 1)] if strategy.trains_jointly else [
             (t.name, exp, t.index) for t, exp in zip(tasks, train_exps)
         ]
+        phases = phases[done:] if not strategy.trains_jointly else (phases if done == 0 else [])
         with artifacts_on_failure(lambda: finish(tracker, failed=True)):
-            for label, experience, row in tqdm(phases, desc="tasks", unit="task", disable=not cfg.training.progress):
+            for label, experience, row in tqdm(phases, desc="tasks", unit="task", disable=not cfg.training.progress,
+                                               initial=done, total=done + len(phases)):
                 with ResourceMonitor(device) as monitor:
                     learner.train(experience)
                 seen = tasks if strategy.trains_jointly else tasks[: row + 1]
@@ -197,7 +263,7 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
                 if router is not None:  # each task's routing statistics from its own training data, then frozen
                     for task in seen if strategy.trains_jointly else [tasks[row]]:
                         router_bytes += fit_router(model, task.index, task.name, train_exps[task.index].dataset
-                                                   if not strategy.trains_jointly else _task_subset(experience, task),
+                                                   if not strategy.trains_jointly else task_subset(experience, task),
                                                    cfg.training.eval_batch_size, device)
                 result.matrix[row] = evaluate_row(row)
                 stored_bytes = 0
@@ -207,6 +273,7 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
                             cfg.training.checkpoint_dir, task.index, task.name, strategy.task_state(model, task),
                             meta={"strategy": cfg.strategy.name},
                         )
+                metrics = getattr(strategy, "task_metrics", None)
                 record = TaskRecord(
                     task=label,
                     trainable_parameters=learner.trainable_count,
@@ -216,50 +283,18 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
                     train_loss=learner.last_epoch_loss,
                     stored_bytes=stored_bytes,
                     router_bytes=router_bytes,
+                    strategy_metrics={k: float(v) for k, v in (metrics(model, tasks[row]) if metrics else {}).items()},
                 )
                 result.records.append(record)
-                tracker.log_metrics(
-                    {
-                        **{f"acc/{n}": float(a) for n, a in zip(names, result.matrix[row])},
-                        "acc/mean_seen": float(np.mean(result.matrix[row, : row + 1])),
-                        "train_loss": record.train_loss,
-                        "trainable_parameters": record.trainable_parameters,
-                        "stored_parameters": record.stored_parameters,
-                        "wall_time_s": record.wall_time_s,
-                        "peak_memory_mb": record.peak_memory_mb,
-                        "stored_bytes": record.stored_bytes,
-                    },
-                    step=row,
-                )
-                if router is not None:
-                    tracker.log_metrics(
-                        {
-                            **{f"acc_oracle/{n}": float(a) for n, a in zip(names, result.oracle_matrix[row])},
-                            **{f"routing_acc/{n}": float(a) for n, a in zip(names[: row + 1], result.routing_matrix[row])},
-                            "router_bytes": record.router_bytes,
-                        },
-                        step=row,
-                    )
+                save_state(row + 1, tracker)  # from here on a kill loses nothing of this task
+                log_row(tracker, row, len(result.records) - 1)
         summary = finish(tracker)
+    mark_finished(output_dir)
     echo(format_table(result, summary))
     echo(f"artifacts: {output_dir}")
     return result
 
 
-@contextmanager
-def _as_config_error():
-    """A ValueError raised while building the model from the config becomes a ConfigError (printed by the CLI
-    without a traceback); its message already names the config key."""
-    try:
-        yield
-    except ConfigError:
-        raise
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-
-
-def _task_subset(experience, task):
-    """The samples of ``task`` in a joint experience (its task label), for fitting a router after joint training."""
-    dataset = experience.dataset
-    keep = [i for i, t in enumerate(dataset.targets_task_labels) if int(t) == task.index]
-    return dataset.subset(keep)
+def _finished_rows(result: RunResult, joint: bool, T: int) -> list:
+    """The matrix rows of the records a run holds, in order (a joint run's one record is its last row)."""
+    return [T - 1] * len(result.records) if joint else list(range(len(result.records)))
