@@ -9,6 +9,7 @@ Heavy libraries (torch, Avalanche, MLflow) are imported only by the commands tha
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import warnings
@@ -187,6 +188,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     lst.set_defaults(func=cmd_list)
     args = parser.parse_args(argv)
     quiet_known_warnings()
+    # Under torchrun (or `accelerate launch`) only `run` and `resume` split the work; the other commands would run N
+    # times over, writing to the same places.
+    if args.command not in ("run", "resume", "list") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print(f"error: continual {args.command} does not run data-parallel; launch it without torchrun (only "
+              "`continual run` and `continual resume` train on several processes)", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except KeyboardInterrupt:

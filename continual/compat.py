@@ -4,12 +4,18 @@ Everything else in continual uses public APIs of transformers and Avalanche. Wha
 (``create_causal_mask`` renamed ``past_key_values`` to ``cache`` and the mask builders ``input_embeds`` to
 ``inputs_embeds`` within 5.x; BERT's private ``_create_attention_masks`` changed signature in 5.24), so each function inspects the signature it finds and fails with a message that names the
 installed transformers version instead of a bare ``TypeError``. ``tests/test_compat.py`` covers each one.
+
+One Avalanche behaviour has no public switch either: once ``torch.distributed`` is initialised, its data loaders
+(built inside its templates and plugins, e.g. the replay plugin's) shard the data themselves with a
+``DistributedSampler``; data-parallel runs shard each global batch themselves instead
+(:func:`avalanche_sees_one_process`).
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Dict, Optional, Tuple
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
@@ -176,3 +182,53 @@ def _cache_argument(model_type: type) -> Optional[str]:
         params = inspect.signature(model_type.forward).parameters
         _CACHE_ARGUMENTS[model_type] = next((n for n in ("cache", "past_key_values") if n in params), None)
     return _CACHE_ARGUMENTS[model_type]
+
+
+# ---------------------------------------------------------------------------------------------------- Avalanche
+
+
+class _OneProcessHelper:
+    """Avalanche's ``DistributedHelper`` answering as in a single process (everything else asked of the real one)."""
+
+    is_distributed = False
+    is_main_process = True
+    rank = 0
+    world_size = 1
+
+    def __init__(self, helper: Any):
+        self._helper = helper
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._helper, name)
+
+
+# Avalanche 0.6 modules that read ``DistributedHelper.is_distributed``: its data loaders (whether to shard with a
+# DistributedSampler) and its template (a warning about plugins not marked ``supports_distributed``).
+_AVALANCHE_HELPER_USERS = ("avalanche.benchmarks.utils.data_loader", "avalanche.training.templates.base")
+
+
+@contextmanager
+def avalanche_sees_one_process() -> Iterator[None]:
+    """While active, Avalanche builds its data loaders as in one process although ``torch.distributed`` is
+    initialised: every process then draws the same global batches, which the learner shards itself.
+
+    Raises:
+        RuntimeError: the installed Avalanche no longer has the module-level ``DistributedHelper`` this relies on.
+    """
+    import importlib
+
+    modules = [importlib.import_module(name) for name in _AVALANCHE_HELPER_USERS]
+    missing = [m.__name__ for m in modules if not hasattr(m, "DistributedHelper")]
+    if missing:
+        import avalanche
+
+        raise RuntimeError(f"avalanche {avalanche.__version__}: {', '.join(missing)} has no DistributedHelper; "
+                           "data-parallel runs cannot switch its distributed sampling off")
+    saved = [(m, m.DistributedHelper) for m in modules]
+    for module, helper in saved:
+        module.DistributedHelper = _OneProcessHelper(helper)
+    try:
+        yield
+    finally:
+        for module, helper in saved:
+            module.DistributedHelper = helper

@@ -130,3 +130,22 @@ def test_a_decoder_continues_its_own_cache_padded_and_with_rows_repeated(attn):
             torch.testing.assert_close(ours[i], expected[0, -2:], atol=1e-5, rtol=1e-5)
     with pytest.raises(compat.UnsupportedTransformersError, match="cache"):
         compat.decoder_forward(torch.nn.Identity(), use_cache=True, input=torch.zeros(1))
+
+
+def test_avalanche_builds_unsharded_loaders_while_torch_distributed_is_up(tmp_path):
+    """Once torch.distributed is initialised, Avalanche's loaders shard with a DistributedSampler by themselves; a
+    data-parallel run turns that off (it shards each global batch itself)."""
+    import torch.distributed as dist
+    from avalanche.benchmarks.utils.data_loader import TaskBalancedDataLoader
+
+    from streams.avalanche import dataset_from_tensors
+
+    data = dataset_from_tensors(torch.zeros(6, 2, 3, dtype=torch.long), torch.arange(6) % 2, torch.zeros(6))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert TaskBalancedDataLoader(data, batch_size=2).distributed_sampling  # Avalanche's own behaviour
+        with compat.avalanche_sees_one_process():
+            assert not TaskBalancedDataLoader(data, batch_size=2).distributed_sampling
+        assert TaskBalancedDataLoader(data, batch_size=2).distributed_sampling  # restored
+    finally:
+        dist.destroy_process_group()

@@ -40,10 +40,16 @@ def run_experiment(cfg: DictConfig, echo: Callable[[str], None] = print) -> RunR
     After every task the run folder keeps the run's state (``state/``), so ``continual resume RUN_DIR`` continues a
     killed run from its last finished task.
 
+    Under ``torchrun --nproc_per_node=N -m continual run ...`` each task trains data-parallel on N processes (see
+    :mod:`continual.training.distributed`); rank 0 alone writes the run folder, MLflow and checkpoints.
+
     Raises:
         NonFiniteLossError: after logging everything finished before the loss diverged.
     """
-    return _run(cfg, echo)
+    from continual.training.distributed import data_parallel
+
+    with data_parallel() as parallel:
+        return _run(cfg, echo, parallel)
 
 
 def resume_experiment(run_dir: str | Path, overrides: Sequence[str] = (), previous: bool = False,
@@ -54,6 +60,9 @@ def resume_experiment(run_dir: str | Path, overrides: Sequence[str] = (), previo
     ``training.device`` or ``training.progress``). The resumed run ends with the accuracy matrix an uninterrupted
     run with the same seed would have given (identical on CPU). A finished run is reported and left as it is.
 
+    Under torchrun, every process reads the run folder (a shared filesystem across machines); the number of
+    processes may differ from the run's.
+
     Args:
         previous: continue from the generation before the last (when the last one is corrupt).
 
@@ -61,6 +70,18 @@ def resume_experiment(run_dir: str | Path, overrides: Sequence[str] = (), previo
         RunStateError: not a run folder, no finished task, a corrupt state file (named; nothing is deleted), or a
             config that differs from the run's (the keys are named).
     """
+    from continual.training.distributed import data_parallel
+
+    with data_parallel() as parallel:
+        return _resume(Path(run_dir), overrides, previous, echo if parallel.is_main else _quiet, parallel)
+
+
+def _quiet(*_) -> None:
+    """The echo of processes other than rank 0."""
+
+
+def _resume(run_dir: Path, overrides: Sequence[str], previous: bool, echo: Callable[[str], None],
+            parallel) -> RunResult:
     from continual.training.run_state import RunStateError, config_changes, has_state, read_state
 
     run_dir = Path(run_dir)
@@ -74,7 +95,7 @@ def resume_experiment(run_dir: str | Path, overrides: Sequence[str] = (), previo
         if changes:
             raise RunStateError(f"{run_dir}: the config differs from the run's in {', '.join(changes)}")
         echo(f"{run_dir}: no task had finished when the run stopped; starting it again in the same folder")
-        return _run(cfg, echo, resume=(run_dir, None, own_uri))
+        return _run(cfg, echo, parallel, resume=(run_dir, None, own_uri))
     state = read_state(run_dir, previous=previous)
     changes = config_changes(state.config, flatten(cfg))
     if changes:
@@ -90,10 +111,10 @@ def resume_experiment(run_dir: str | Path, overrides: Sequence[str] = (), previo
         echo(f"{run_dir}: the run already finished all {len(result.task_names)} tasks; nothing to resume")
         echo(format_table(result, summarize(result)))
         return result
-    return _run(cfg, echo, resume=(run_dir, state, own_uri))
+    return _run(cfg, echo, parallel, resume=(run_dir, state, own_uri))
 
 
-def _run(cfg: DictConfig, echo: Callable[[str], None], resume: Optional[tuple] = None) -> RunResult:
+def _run(cfg: DictConfig, echo: Callable[[str], None], parallel, resume: Optional[tuple] = None) -> RunResult:
     from continual.checkpoint import save_task_state
     from continual.metrics import summarize
     from continual.report import format_table
@@ -107,17 +128,21 @@ def _run(cfg: DictConfig, echo: Callable[[str], None], resume: Optional[tuple] =
     from tqdm.auto import tqdm
 
     # ---------------------------------------------------------------- setup
-    parts = build_parts(cfg)
+    # Data parallel (`parallel`: this process among those torchrun started): every process builds the same parts
+    # (rank 0 first, filling the tokenization cache) and trains its share of each batch; rank 0 alone writes.
+    echo = echo if parallel.is_main else _quiet
+    with parallel.main_first():
+        parts = build_parts(cfg, device=parallel.device(cfg.training.device))
     model, strategy, router, tasks, device = parts.model, parts.strategy, parts.router, parts.tasks, parts.device
     train_exps, test_exps = parts.train_exps, parts.test_exps
-    learner = make_learner(parts)
+    learner = make_learner(parts, parallel)
     names = [t.name for t in tasks]
     T = len(tasks)
     flat = flatten(cfg)
     uri = cfg.tracking.uri
     if resume is None:
         experiment, run_name = default_names(cfg)
-        output_dir = open_run_dir(Path(cfg.tracking.output_dir) / experiment, run_name, cfg)
+        output_dir = parallel.on_main(lambda: open_run_dir(Path(cfg.tracking.output_dir) / experiment, run_name, cfg))
         run_name = output_dir.name  # the MLflow run and its folder share a name, suffixed when an earlier run had it
         result = RunResult(task_names=names, matrix=np.full((T, T), np.nan), output_dir=output_dir)
         if router is not None:  # a routed run is evaluated both ways: routed (the matrix) and with the task id given
@@ -156,7 +181,7 @@ def _run(cfg: DictConfig, echo: Callable[[str], None], resume: Optional[tuple] =
         if row is not None:
             kill_point("eval", row)  # fault-injection tests: a kill during evaluation
         routed = np.array([accs[j] for j in range(T)])
-        counts = take_routing_counts(model, T) if router is not None else None
+        counts = take_routing_counts(model, T, parallel) if router is not None else None
         if counts is None or row is None:
             return routed
         result.eval_seconds["routed"] += time.perf_counter() - started
@@ -203,6 +228,8 @@ def _run(cfg: DictConfig, echo: Callable[[str], None], resume: Optional[tuple] =
             )
 
     def save_state(finished: int, tracker) -> None:
+        if not parallel.is_main:
+            return
         groups, data = state_tensors(parts, learner)
         data.update(result=result.to_dict(), experiment=experiment, run_name=run_name, run_id=tracker.run_id)
         write_state(output_dir, finished, groups, data, flat)
@@ -214,6 +241,8 @@ def _run(cfg: DictConfig, echo: Callable[[str], None], resume: Optional[tuple] =
         )
 
         summary = summarize(result)
+        if not parallel.is_main:
+            return summary
         tracker.log_metrics({f"final/{k}": v for k, v in summary.items()})
         save_matrix_csv(result, output_dir / "accuracy_matrix.csv")
         write_summary_json(result, summary, output_dir / "summary.json", extra={"failed": failed, "config": flat})
@@ -234,13 +263,14 @@ def _run(cfg: DictConfig, echo: Callable[[str], None], resume: Optional[tuple] =
         return summary
 
     # ---------------------------------------------------------------- train and evaluate
-    tracker_args = dict(uri=uri, enabled=cfg.tracking.enabled, tags=tags, journal=output_dir / JOURNAL_DIR,
-                        run_id=run_id)
+    tracker_args = dict(uri=uri, enabled=cfg.tracking.enabled and parallel.is_main, tags=tags,
+                        journal=output_dir / JOURNAL_DIR, run_id=run_id)
     with ExperimentTracker(experiment, run_name, **tracker_args) as tracker:
         if not done:
             tracker.log_params(flat)  # a run started again logs them again: the tracker skips what it already has
             tracker.log_text(to_yaml(cfg), "config.yaml")
-        echo(f"{experiment} / {run_name}: {T} tasks ({', '.join(names)}) on {device}; {tracker.describe()}")
+        echo(f"{experiment} / {run_name}: {T} tasks ({', '.join(names)}) on {device}"
+             f"{' x ' + parallel.describe() if parallel.active else ''}; {tracker.describe()}")
         if done:
             echo(f"resuming {output_dir} after {done} of {T} tasks")
             for index, row in enumerate(_finished_rows(result, strategy.trains_jointly, T)):
@@ -254,7 +284,8 @@ def _run(cfg: DictConfig, echo: Callable[[str], None], resume: Optional[tuple] =
         ]
         phases = phases[done:] if not strategy.trains_jointly else (phases if done == 0 else [])
         with artifacts_on_failure(lambda: finish(tracker, failed=True)):
-            for label, experience, row in tqdm(phases, desc="tasks", unit="task", disable=not cfg.training.progress,
+            for label, experience, row in tqdm(phases, desc="tasks", unit="task",
+                                               disable=not (cfg.training.progress and parallel.is_main),
                                                initial=done, total=done + len(phases)):
                 with ResourceMonitor(device) as monitor:
                     learner.train(experience)
@@ -264,10 +295,10 @@ def _run(cfg: DictConfig, echo: Callable[[str], None], resume: Optional[tuple] =
                     for task in seen if strategy.trains_jointly else [tasks[row]]:
                         router_bytes += fit_router(model, task.index, task.name, train_exps[task.index].dataset
                                                    if not strategy.trains_jointly else task_subset(experience, task),
-                                                   cfg.training.eval_batch_size, device)
+                                                   cfg.training.eval_batch_size, device, parallel)
                 result.matrix[row] = evaluate_row(row)
                 stored_bytes = 0
-                if cfg.training.checkpoint_dir:
+                if cfg.training.checkpoint_dir and parallel.is_main:
                     for task in seen if strategy.trains_jointly else [tasks[row]]:
                         stored_bytes += save_task_state(
                             cfg.training.checkpoint_dir, task.index, task.name, strategy.task_state(model, task),
@@ -289,7 +320,8 @@ def _run(cfg: DictConfig, echo: Callable[[str], None], resume: Optional[tuple] =
                 save_state(row + 1, tracker)  # from here on a kill loses nothing of this task
                 log_row(tracker, row, len(result.records) - 1)
         summary = finish(tracker)
-    mark_finished(output_dir)
+    if parallel.is_main:
+        mark_finished(output_dir)
     echo(format_table(result, summary))
     echo(f"artifacts: {output_dir}")
     return result

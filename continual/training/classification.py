@@ -50,9 +50,9 @@ def as_config_error():
         raise ConfigError(str(err)) from err
 
 
-def build_parts(cfg: DictConfig) -> ClassificationParts:
+def build_parts(cfg: DictConfig, device: Optional[torch.device] = None) -> ClassificationParts:
     """Seed, build the strategy and router (options checked first), load the backbone, build the stream and the model,
-    and set the strategy and router up on it."""
+    and set the strategy and router up on it (on ``device``; default: the one ``training.device`` names)."""
     from continual.models.backbone import load_backbone, load_causal_lm
     from continual.models.backbone import load_config as load_backbone_config
     from continual.models.classifier import ContinualClassifier
@@ -65,7 +65,7 @@ def build_parts(cfg: DictConfig) -> ClassificationParts:
     from strategies.registry import build_strategy
 
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.training.device)
+    device = device if device is not None else resolve_device(cfg.training.device)
     strategy = build_strategy(cfg.strategy)  # fail on bad strategy options before loading anything heavy
     router = make_router(cfg.router)  # the same for the router's options
     # A strategy may ask for a causal LM and build its own model (TinT); label words score with a causal LM's head;
@@ -109,12 +109,19 @@ def build_parts(cfg: DictConfig) -> ClassificationParts:
     )
 
 
-def make_learner(parts: ClassificationParts):
-    """The Avalanche learner over the parts, with the run's training options."""
+def make_learner(parts: ClassificationParts, parallel=None):
+    """The Avalanche learner over the parts, with the run's training options; with ``parallel`` (a
+    :class:`continual.training.distributed.DataParallel` of several processes), data-parallel.
+
+    Raises:
+        ConfigError: the run cannot train data-parallel
+            (see :func:`continual.training.distributed.check_data_parallel`).
+    """
     from continual.learner import ContinualLearner
+    from continual.training.distributed import check_data_parallel
 
     cfg = parts.cfg
-    return ContinualLearner(
+    learner = ContinualLearner(
         model=parts.model,
         strategy=parts.strategy,
         tasks=parts.tasks,
@@ -126,8 +133,13 @@ def make_learner(parts: ClassificationParts):
         train_epochs=cfg.training.epochs,
         eval_mb_size=cfg.training.eval_batch_size,
         device=parts.device,
-        progress=cfg.training.progress,
+        progress=cfg.training.progress and (parallel is None or parallel.is_main),
+        parallel=parallel,
+        seed=cfg.seed,
     )
+    if parallel is not None:
+        check_data_parallel(parallel, cfg.training.batch_size, cfg.strategy.name, learner.strategy_plugins)
+    return learner
 
 
 def state_tensors(parts: ClassificationParts, learner=None) -> tuple:

@@ -73,8 +73,11 @@ def attach_router(model: nn.Module, router, cfg, strategy_name: str):
 
 @torch.no_grad()
 def fit_router(model: nn.Module, task_index: int, task_name: str, dataset, batch_size: int,
-               device: torch.device) -> int:
+               device: torch.device, parallel=None) -> int:
     """Fit the model's router on one task's training data (its frozen statistics); returns the bytes it keeps.
+
+    With ``parallel`` (a ``continual.training.distributed.DataParallel``), process r computes the features of batches
+    r, r + N, ... and every process fits on all of them, gathered in order: the same statistics as one process.
 
     Raises:
         ValueError: the task has no training samples and the router needs them.
@@ -87,27 +90,35 @@ def fit_router(model: nn.Module, task_index: int, task_name: str, dataset, batch
         raise ValueError(f"router {router.name}: task {task_name!r} has no training samples to fit its statistics")
     was_training = model.training
     model.eval()
-    features, labels = [], []
+    features, labels, batches = [], [], []
     # An own generator: iterating a DataLoader draws a seed from the global RNG, which would change the shuffling of
     # every later task, so a routed run would not train exactly as the same run with router.name=oracle.
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          generator=torch.Generator().manual_seed(0))
-    for batch in loader:
-        features.append(model.routing_features(batch[0].to(device)).cpu())
-        labels.append(torch.as_tensor(batch[1]))
+    rank, world_size = (parallel.rank, parallel.world_size) if parallel is not None else (0, 1)
+    for i, batch in enumerate(loader):
+        if i % world_size == rank:
+            features.append(model.routing_features(batch[0].to(device)).cpu())
+            labels.append(torch.as_tensor(batch[1]))
+            batches.append(i)
     model.train(was_training)
+    if world_size > 1:
+        shares = sorted((share for part in parallel.gather_objects(list(zip(batches, features, labels)))
+                         for share in part), key=lambda share: share[0])
+        features, labels = [f for _, f, _ in shares], [y for _, _, y in shares]
     router.fit_task(task_index, torch.cat(features), torch.cat(labels))
     return router.stored_bytes(task_index)
 
 
-def take_routing_counts(model: nn.Module, n_tasks: int) -> Optional[np.ndarray]:
+def take_routing_counts(model: nn.Module, n_tasks: int, parallel=None) -> Optional[np.ndarray]:
     """``[T, T]`` counts of test samples of true task i routed to task j since the last call (the log is emptied);
-    None when nothing was routed."""
+    None when nothing was routed. With ``parallel``, summed over the processes (each logged its share)."""
     log = getattr(model, "routing_log", None)
-    if not log:
-        return None
     counts = np.zeros((n_tasks, n_tasks))
-    for gold, routed in log:
+    for gold, routed in log or []:
         np.add.at(counts, (gold.numpy(), routed.numpy()), 1)
-    log.clear()
-    return counts
+    if log:
+        log.clear()
+    if parallel is not None and parallel.active:
+        counts = parallel.sum(counts.reshape(-1)).reshape(n_tasks, n_tasks)
+    return counts if counts.sum() else None
