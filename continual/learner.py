@@ -19,7 +19,7 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
 from continual.expansion import ExpansionStrategy, TaskInfo
-from continual.training import NonFiniteLossError, check_finite_loss, set_trainable
+from continual.training import FINITE_CHECK_EVERY, FiniteLossCheck, NonFiniteLossError, set_trainable
 from continual.training.run_state import kill_point
 
 __all__ = ["ContinualLearner", "NonFiniteLossError", "build_optimizer"]  # NonFiniteLossError: what train() raises
@@ -76,6 +76,13 @@ class ContinualLearner(SupervisedTemplate):
         self._stage = 0  # training stage within the current task (see _LearnerHooks)
         self._bar = None
         self._loss_sum, self._loss_count = 0.0, 0
+        # Each step's loss is checked to be finite: read every step on the CPU, every FINITE_CHECK_EVERY steps (one
+        # device sync) on an accelerator, so the step does not wait for the device.
+        self._losses = FiniteLossCheck(
+            "training of this task was stopped. Lower training.lr or enable training.max_grad_norm; earlier tasks' "
+            "results are kept in the run.",
+            every=1 if torch.device(device).type == "cpu" else FINITE_CHECK_EVERY,
+        )
         self.last_epoch_loss = math.nan
         with warnings.catch_warnings():  # "no loggers": on purpose, results go to MLflow through the run recipe
             warnings.simplefilter("ignore", UserWarning)
@@ -147,14 +154,11 @@ class ContinualLearner(SupervisedTemplate):
     # ------------------------------------------------------------------ one step
     def backward(self):
         task, clock = self.current_task, self.clock
-        value = check_finite_loss(
-            float(self.loss.detach()),
+        self._losses.add(
+            self.loss.detach(),
             f"on task {task.index} ({task.name!r}), epoch {clock.train_exp_epochs}, iteration {clock.train_epoch_iterations}",
-            "training of this task was stopped. Lower training.lr or enable training.max_grad_norm; earlier tasks' "
-            "results are kept in the run.",
         )
-        self._loss_sum += value
-        self._loss_count += 1
+        self._loss_sum, self._loss_count = self._losses.total, self._losses.count  # the losses read so far
         super().backward()
 
     def optimizer_step(self):
@@ -209,6 +213,7 @@ class _LearnerHooks(SupervisedPlugin):
             strategy._stage += 1
             strategy.make_optimizer()
         strategy._loss_sum, strategy._loss_count = 0.0, 0
+        strategy._losses.reset()
         if strategy.progress:
             from tqdm.auto import tqdm
 
@@ -229,6 +234,8 @@ class _LearnerHooks(SupervisedPlugin):
             strategy._bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
 
     def after_training_epoch(self, strategy: "ContinualLearner", **kwargs):
+        strategy._losses.flush()  # the epoch's last losses, checked before it counts as trained
+        strategy._loss_sum, strategy._loss_count = strategy._losses.total, strategy._losses.count
         count = strategy._loss_count
         strategy.last_epoch_loss = strategy._loss_sum / count if count else math.nan
         if strategy._bar is not None:

@@ -163,6 +163,7 @@ class DeltaStrategy(BaseStrategy):
                             **self.options_for(kind))
             except ValueError as err:
                 raise ValueError(f"strategy.kinds: {kind}: {err}") from None
+        bank.reserve(len(tasks))  # every task's slots stored side by side from the start (no copy as they come)
         model.backbone.requires_grad_(False)
         model.bank = bank
 

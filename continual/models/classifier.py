@@ -14,12 +14,16 @@ from avalanche.models import MultiTaskModule
 from torch import nn
 
 from continual.models.label_space import label_map
+from continual.modules.deltas.stacking import are_views_of, stack_as_views
 
 
 class TaskHeads(nn.Module):
     """Classification heads.
 
-    ``mode="task"``: one linear head per task, picked by the sample's task label (task-incremental).
+    ``mode="task"``: one linear head per task, picked by the sample's task label (task-incremental). The heads'
+    weights live stacked on the device (each head's weight and bias are views of their rows, padded to the widest
+    head), so a batch gathers its samples' heads whatever the number of tasks stored; a head that trains is read as
+    its live Parameters.
     ``mode="shared"``: one linear head over the union of all labels of the stream; logits of labels that no task
     trained so far has shown are masked to ``-inf`` (task-agnostic / class-incremental).
 
@@ -43,6 +47,9 @@ class TaskHeads(nn.Module):
         if mode == "task":
             self.heads = nn.ModuleList(nn.Linear(hidden, len(labels)) for labels in self.task_labels)
             self.width = max(len(labels) for labels in self.task_labels)
+            self._stacks = None  # ([T, W, H] weights, [T, W] biases, [(weight, bias)] per head); None: to build
+            # runs after the heads' own loads (a parent's _load_from_state_dict runs before its children's)
+            self.register_load_state_dict_post_hook(TaskHeads._after_load)
         else:
             self.shared = nn.Linear(hidden, len(self.shared_labels))
             self.width = len(self.shared_labels)
@@ -95,14 +102,65 @@ class TaskHeads(nn.Module):
             if bool(self.active.any()):
                 logits = logits.masked_fill(~self.active, float("-inf"))
             return logits
-        # Every task's head padded to the widest one ([T, C, H] weights, -inf bias on padding), gathered per sample:
-        # one batched product whatever the number of tasks in the batch, no host sync.
-        weights = torch.stack([nn.functional.pad(h.weight, (0, 0, 0, self.width - h.out_features)) for h in self.heads])
-        biases = torch.stack([
-            nn.functional.pad(h.bias, (0, self.width - h.out_features), value=float("-inf")) for h in self.heads
-        ])
+        # Every task's head padded to the widest one ([T, C, H] weights, -inf bias on padding) and kept stacked,
+        # gathered per sample: one batched product whatever the number of tasks, no host sync.
+        stacked_weights, stacked_biases, params = self._stacked()
         task_labels = task_labels.to(features.device).long()
-        return torch.einsum("bh,bch->bc", features, weights[task_labels]) + biases[task_labels]
+        weights, biases = stacked_weights[task_labels], stacked_biases[task_labels]  # [B, C, H], [B, C]
+        if torch.is_grad_enabled():  # heads that train are read live, so the gradient reaches them
+            live = [t for t, (w, b) in enumerate(params) if w.requires_grad or b.requires_grad]
+            if live:
+                position = torch.full((len(params),), -1, dtype=torch.long)
+                position[live] = torch.arange(len(live))
+                pick = position.to(features.device)[task_labels]  # [B]: the sample's live head, -1 for a frozen one
+                hit, pick = pick >= 0, pick.clamp_min(0)
+                live_weights = torch.stack([self._padded(params[t][0], 0.0) for t in live])  # [R, C, H]
+                live_biases = torch.stack([self._padded(params[t][1], float("-inf")) for t in live])  # [R, C]
+                weights = torch.where(hit[:, None, None], live_weights[pick], weights)
+                biases = torch.where(hit[:, None], live_biases[pick], biases)
+        return torch.einsum("bh,bch->bc", features, weights) + biases
+
+    def _padded(self, tensor: torch.Tensor, fill: float) -> torch.Tensor:
+        """A head's weight ``[C, H]`` or bias ``[C]`` padded to the widest head."""
+        pad = (0, 0, 0, self.width - tensor.shape[0]) if tensor.dim() == 2 else (0, self.width - tensor.shape[0])
+        return nn.functional.pad(tensor, pad, value=fill)
+
+    def _stacked(self):
+        """``([T, W, H] weights, [T, W] biases, [(weight, bias)] per head)``, built once and kept: each head's
+        Parameters are views of their rows, so optimizer steps and checkpoint loads write into the stack."""
+        if self._stacks is None:
+            params = [(head.weight, head.bias) for head in self.heads]
+            weights = stack_as_views([w for w, _ in params], fill=0.0)
+            biases = stack_as_views([b for _, b in params], fill=float("-inf"))
+            self._stacks = (weights, biases, params)
+        return self._stacks
+
+    def _check_stacks(self) -> None:
+        """Drop the stack when a conversion or an assigning load replaced the heads' tensors (rebuilt when read)."""
+        stacks = getattr(self, "_stacks", None)
+        if stacks is not None:
+            weights, biases, params = stacks
+            current = [(head.weight, head.bias) for head in self.heads]
+            if any(a is not c or b is not d for (a, b), (c, d) in zip(params, current)) or not (
+                are_views_of([w for w, _ in current], weights) and are_views_of([b for _, b in current], biases)
+            ):
+                self._stacks = None
+
+    def _apply(self, fn, recurse: bool = True):
+        out = super()._apply(fn, recurse)
+        self._check_stacks()
+        return out
+
+    @staticmethod
+    def _after_load(module: "TaskHeads", incompatible_keys) -> None:
+        module._check_stacks()  # copy_ keeps the views; load_state_dict(assign=True) replaces the Parameters
+
+    def __getstate__(self):
+        # A copy (deepcopy, pickle) gets independent Parameters; it builds a stack of its own.
+        state = dict(super().__getstate__())
+        if "_stacks" in state:
+            state["_stacks"] = None
+        return state
 
 
 class ContinualClassifier(MultiTaskModule):
@@ -270,12 +328,14 @@ class ContinualClassifier(MultiTaskModule):
         ``slot_weights: [B, K]`` replaces the composition's weights (the soft route).
         """
         input_ids, attention_mask = x[:, 0], x[:, 1]
-        used = max(int(attention_mask.sum(1).max().item()) if attention_mask.numel() else 0, 1)
+        longest = attention_mask.sum(1).max() if attention_mask.numel() else attention_mask.new_zeros(())
         if self.bank is None:
+            used = max(int(longest), 1)
             return self.encode(input_ids[:, :used], attention_mask[:, :used])
         if task_labels is None:
             raise ValueError("this model has per-task modules: its features need the samples' task labels")
         with self.bank.route(task_labels, weights=slot_weights):
+            used = max(int(self.bank.host_value(longest)), 1)  # one device sync with the bank's slot selection
             ids, mask, positions, n_virtual = self.bank.prepare_inputs(input_ids[:, :used], attention_mask[:, :used])
             if n_virtual and not self._takes_position_ids():
                 positions = None  # e.g. T5: relative positions; the virtual tokens shift nothing absolute

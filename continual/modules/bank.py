@@ -11,6 +11,11 @@ One abstraction serves every method that allocates modules per task (delta tunin
   backbone call, every site reads the same slot weights;
 - the :class:`ModuleBank` attaches sites, allocates, freezes, saves and loads one task's modules at every site.
 
+Thousands of tasks in one model: each kind keeps its slots stacked on the device
+(:class:`~continual.modules.deltas.stacking.SlotParameters`), and every forward finds once which slots its samples use
+(:meth:`Routing.selection`, one device sync); sites read only those, so a mixed batch costs what its own tasks need,
+not what the bank stores.
+
 Compositions across tasks (Progressive Prompts, Razdaibiedina et al. 2023, for the sequential one):
 ``isolated`` (a task-``j`` sample uses slot ``j`` only), ``sequential`` (slots ``0..j``: task ``t`` trains on top
 of the frozen earlier ones), ``simultaneous`` (every allocated slot, summed).
@@ -29,6 +34,7 @@ import torch
 from torch import nn
 
 from continual.modules.deltas import get_delta_kind
+from continual.modules.deltas.stacking import SlotParameters, SlotSelection, select_slots
 from continual.modules.families import MODEL_TYPES, model_type_of
 
 COMPOSITIONS = ("isolated", "sequential", "simultaneous")
@@ -49,10 +55,13 @@ def routing_weights(task_ids: torch.Tensor, trained_tasks: Iterable[int], n_slot
     if mode not in COMPOSITIONS:
         raise ValueError(f"composition must be one of {list(COMPOSITIONS)}, got {mode!r}")
     slots = torch.arange(n_slots, device=task_ids.device)
-    active = torch.zeros(n_slots, dtype=torch.bool, device=task_ids.device)
-    trained = [k for k in trained_tasks]
-    if trained:
-        active[torch.tensor(trained, dtype=torch.long, device=task_ids.device)] = True
+    if isinstance(trained_tasks, range) and trained_tasks == range(n_slots):  # every slot (no list of K ids)
+        active = torch.ones(n_slots, dtype=torch.bool, device=task_ids.device)
+    else:
+        active = torch.zeros(n_slots, dtype=torch.bool, device=task_ids.device)
+        trained = [k for k in trained_tasks]
+        if trained:
+            active[torch.tensor(trained, dtype=torch.long, device=task_ids.device)] = True
     ids = task_ids.long()[:, None]
     if mode == "isolated":
         mask = slots[None, :] == ids
@@ -95,13 +104,16 @@ class Routing:
     """The routing of one forward pass, shared by every site of one model.
 
     ``with routing.route(task_ids): backbone(...)`` makes the batch's task ids visible to the sites; the slot
-    weights are computed once per forward and reused by every site.
+    weights and the :class:`~continual.modules.deltas.stacking.SlotSelection` (the slots the batch uses, found with
+    one device sync) are computed once per forward and reused by every site.
     """
 
     def __init__(self, router: TaskRouter):
         self.router = router
         self.task_ids: Optional[torch.Tensor] = None  # [B] while a forward runs, else None
         self._weights: Dict[int, torch.Tensor] = {}
+        self._selections: Dict[int, SlotSelection] = {}
+        self._host_extra: Optional[torch.Tensor] = None  # the `extra` of the last selection, on the host
         # Virtual-token group -> (first position, number of positions) in the current forward's sequence;
         # set by ModuleBank.prepare_inputs.
         self.virtual: Dict[int, Tuple[int, int]] = {}
@@ -136,10 +148,12 @@ class Routing:
         if weights is not None and (weights.dim() != 2 or weights.shape[0] != task_ids.shape[0]):
             raise ValueError(f"slot weights must have shape [B, K] with B={task_ids.shape[0]}, got {tuple(weights.shape)}")
         self.task_ids, self._weights, self.virtual, self._given, self.bypass = task_ids, {}, {}, weights, bypass
+        self._selections = {}
         try:
             yield self
         finally:
             self.task_ids, self._weights, self.virtual, self._given, self.bypass = None, {}, {}, None, False
+            self._selections = {}
 
     def weights(self, n_slots: int) -> torch.Tensor:
         """``[B, K]`` slot weights of the current forward."""
@@ -156,23 +170,34 @@ class Routing:
                 self._weights[n_slots] = torch.nn.functional.pad(given, (0, n_slots - given.shape[1]))
         return self._weights[n_slots]
 
+    def selection(self, n_slots: int, extra: Optional[torch.Tensor] = None) -> SlotSelection:
+        """The slots this forward's samples use and their weights over those only (one device sync per forward).
+
+        Args:
+            n_slots: ``K``.
+            extra: a small integer tensor to bring to the host in the same copy (see :meth:`host_value`).
+        """
+        if n_slots not in self._selections:
+            selection, host = select_slots(self.weights(n_slots), self.exclusive, extra)
+            self._selections[n_slots] = selection
+            self._host_extra = host
+        return self._selections[n_slots]
+
+    def host_value(self, value: torch.Tensor, n_slots: int) -> torch.Tensor:
+        """``value`` (a small integer tensor) on the host, copied together with the forward's slot selection when
+        that is still to be found: the classifier's padding trim and the routing then cost one device sync."""
+        if n_slots == 0 or self.bypass or n_slots in self._selections:
+            return value.cpu()
+        self.selection(n_slots, value)
+        return self._host_extra.reshape(value.shape)
+
     def single_slot(self, n_slots: int) -> Optional[int]:
         """The slot when every sample of the batch uses exactly that one slot with weight 1, else None.
 
         The usual training batch (one task) takes this path: sites then run one slot's modules directly, with no
-        gathering or mixing. Computed once per forward (one device sync), shared by every site.
+        gathering or mixing. Read from :meth:`selection` (the forward's one device sync), shared by every site.
         """
-        key = -n_slots - 1  # cached next to the weights, under a key no slot count uses
-        if key not in self._weights:
-            weights = self.weights(n_slots)
-            single = None
-            if weights.shape[0] and bool((weights == weights[:1]).all()):
-                row = weights[0]
-                nonzero = row.nonzero()
-                if nonzero.numel() == 1 and float(row[nonzero[0, 0]]) == 1.0:
-                    single = int(nonzero[0, 0])
-            self._weights[key] = single
-        return self._weights[key]
+        return self.selection(n_slots).single
 
     def span(self, group: int) -> Tuple[int, int]:
         """(first position, count) of a virtual-token group in the current sequence."""
@@ -289,20 +314,21 @@ class TaskModuleSite(nn.Module):
         n_slots = self.delta.n_slots
         if n_slots == 0 or self.routing.bypass:
             return h
-        weights = self.routing.weights(n_slots)  # [B, K]
-        if weights.shape[0] != x.shape[0]:
-            raise ValueError(f"routing has {weights.shape[0]} task ids but the site got a batch of {x.shape[0]}")
+        selection = self.routing.selection(n_slots)  # the slots this batch uses: per-forward work is O(those)
+        if selection.weights.shape[0] != x.shape[0]:
+            raise ValueError(f"routing has {selection.weights.shape[0]} task ids but the site got a batch of {x.shape[0]}")
         if getattr(self.delta, "virtual_tokens", False):  # prompt / prefix: write the virtual positions
-            return self.delta.place(h, weights, self.routing.span(self.delta.group), self.routing.exclusive)
+            return self.delta.place(h, selection, self.routing.span(self.delta.group))
         if getattr(self.delta, "wraps", "linear") != "linear":
-            return h + self.delta(x, h, weights, self.routing.exclusive)
-        if hasattr(self.delta, "forward_slot"):
-            slot = self.routing.single_slot(n_slots)
-            if slot is not None:  # the whole batch is one task: that slot's modules, no gather or mix
-                return h + self.delta.forward_slot(x, h, slot)
+            return h + self.delta(x, h, selection)
+        if selection.single is not None and hasattr(self.delta, "forward_slot"):
+            # the whole batch is one task: that slot's modules, no gather or mix
+            return h + self.delta.forward_slot(x, h, selection.single)
+        if not selection.ids:  # no sample has a module here
+            return h
         B = x.shape[0]
         x3, h3 = x.reshape(B, -1, x.shape[-1]), h.reshape(B, -1, h.shape[-1])  # [B, T, in], [B, T, out]
-        change = self.delta(x3, h3, weights, self.routing.exclusive)
+        change = self.delta(x3, h3, selection)
         return (h3 + change).reshape(h.shape)
 
     def merged(self, weights: torch.Tensor) -> nn.Module:
@@ -483,6 +509,14 @@ class ModuleBank:
             site.add_slot()
         self.n_tasks += 1
 
+    def reserve(self, n_tasks: int) -> None:
+        """Keep room for ``n_tasks`` tasks in every site's stacked slots (e.g. the tasks of a stream), so that
+        allocating them never copies the tasks stored before (:class:`~continual.modules.deltas.stacking.SlotParameters`)."""
+        for site in self._sites.values():
+            for module in site.delta.modules():
+                if isinstance(module, SlotParameters):
+                    module.reserve(n_tasks)
+
     def _check_task(self, task_index: int) -> None:
         if not 0 <= task_index < self.n_tasks:
             raise ValueError(f"task {task_index} has no modules (allocated: {self.n_tasks})")
@@ -551,9 +585,9 @@ class ModuleBank:
         """Prepend the virtual positions of prompt/prefix kinds to a right-padded batch (inside :meth:`route`).
 
         Every virtual-token kind owns a block of positions: with an exclusive routing one block of ``P`` positions
-        holding each sample's own slot, otherwise ``K`` blocks of ``P`` (one per slot) that a sample sees only
-        where its slot weight is non-zero (sequential composition: the prompts of tasks ``<= j``, as in
-        Progressive Prompts). Virtual positions take position id 0 and real tokens keep ``0..T-1``, so a sample
+        holding each sample's own slot, otherwise one block of ``P`` per slot that some sample of the batch uses
+        (``U`` blocks, not one per stored slot), which a sample sees only where its slot weight is non-zero
+        (sequential composition: the prompts of tasks ``<= j``, as in Progressive Prompts). Virtual positions take position id 0 and real tokens keep ``0..T-1``, so a sample
         whose virtual positions are all masked gets exactly the backbone's output.
 
         Args:
@@ -566,15 +600,15 @@ class ModuleBank:
         """
         if not self._token_groups or self.n_tasks == 0:
             return input_ids, attention_mask, None, 0
-        weights = self.routing.weights(self.n_tasks)  # [B, K]
+        selection = self.routing.selection(self.n_tasks)
+        used = selection.weights != 0  # [B, U]: only the slots some sample uses get positions
         B, T = input_ids.shape
-        exclusive = self.routing.exclusive
         spans, masks, offset = {}, [], 0
         for group, P in self._token_groups:
-            if exclusive:
-                visible = (weights != 0).any(dim=1, keepdim=True).expand(B, P)
+            if selection.exclusive:
+                visible = used.any(dim=1, keepdim=True).expand(B, P)
             else:
-                visible = (weights != 0).repeat_interleave(P, dim=1)  # [B, K*P]
+                visible = used.repeat_interleave(P, dim=1)  # [B, U*P]
             spans[group] = (offset, visible.shape[1])
             offset += visible.shape[1]
             masks.append(visible)
@@ -587,6 +621,11 @@ class ModuleBank:
             [torch.zeros(B, V, dtype=torch.long, device=device), torch.arange(T, device=device).expand(B, T)], dim=1
         )
         return ids, mask, positions, V
+
+    def host_value(self, value: torch.Tensor) -> torch.Tensor:
+        """Inside :meth:`route`: a small integer tensor on the host, copied with the forward's slot selection (one
+        device sync for both; e.g. the classifier's padding trim)."""
+        return self.routing.host_value(value, self.n_tasks)
 
     def continue_inputs(self) -> None:
         """Inside :meth:`route`: this forward continues sequences whose keys and values an earlier forward cached

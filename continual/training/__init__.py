@@ -4,7 +4,9 @@ failure artifacts. Written once here; the recipes (``continual.recipes``) and th
 
 from continual.training.environment import resolve_device, seed_everything
 from continual.training.loop import (
+    FINITE_CHECK_EVERY,
     BlockLoss,
+    FiniteLossCheck,
     NonFiniteLossError,
     check_finite_loss,
     evaluate_loss,
@@ -19,7 +21,9 @@ from continual.training.run_dir import artifacts_on_failure, open_run_dir
 from continual.training.text import TextDataConfig, text_blocks
 
 __all__ = [
+    "FINITE_CHECK_EVERY",
     "BlockLoss",
+    "FiniteLossCheck",
     "NonFiniteLossError",
     "TextDataConfig",
     "artifacts_on_failure",

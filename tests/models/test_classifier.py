@@ -108,3 +108,48 @@ def test_roberta_family_backbone_from_a_local_folder(tmp_path, tiny):
     model = ContinualClassifier(backbone, LABELS, head="shared", pooling="cls").eval()
     logits = model(batch(loaded_tokenizer, ["local roberta", "works offline"]), torch.tensor([0, 2]))
     assert logits.shape == (2, 7) and torch.isfinite(logits).all()
+
+
+# ---------------------------------------------------------------------------------------------------- stacked heads
+def test_per_task_heads_are_read_from_one_stack_kept_with_their_parameters():
+    """Many heads: a batch gathers its samples' heads from the stack (each head's weight and bias are views of their
+    rows); writes, loads, conversions and copies keep it right; only a head that trains gets a gradient."""
+    import copy
+
+    from continual.modules.deltas.stacking import are_views_of
+
+    torch.manual_seed(0)
+    labels = [tuple(f"l{c}" for c in range(2 + t % 3)) for t in range(30)]
+    heads = TaskHeads(8, labels)
+    features, tasks = torch.randn(5, 8), torch.tensor([3, 17, 3, 29, 0])
+
+    def reference(module):
+        out = torch.full((5, 4), float("-inf"))
+        for b, t in enumerate(tasks.tolist()):
+            head = module.heads[t]
+            out[b, : head.out_features] = features[b] @ head.weight.T + head.bias
+        return out
+
+    with torch.no_grad():
+        torch.testing.assert_close(heads(features, tasks), reference(heads))
+        weights, biases, _ = heads._stacked()
+        assert are_views_of([h.weight for h in heads.heads], weights) and weights.shape == (30, 4, 8)
+        heads.heads[17].weight.mul_(3.0)  # an in-place write lands in the stack
+        torch.testing.assert_close(heads(features, tasks), reference(heads))
+        other = TaskHeads(8, labels)
+        heads.load_state_dict(other.state_dict(), assign=True)
+        torch.testing.assert_close(heads(features, tasks), reference(other))
+        heads.double()
+        torch.testing.assert_close(heads(features.double(), tasks), reference(other).double())
+        heads.float()
+        twin = copy.deepcopy(heads)
+        twin.heads[3].bias.add_(1.0)
+        torch.testing.assert_close(heads(features, tasks), reference(other))
+
+    for p in heads.parameters():
+        p.requires_grad_(False)
+    heads.heads[3].requires_grad_(True)
+    heads(features, tasks)[tasks == 3, :2].sum().backward()
+    assert heads.heads[3].weight.grad is not None and heads.heads[3].bias.grad is not None
+    assert [i for i, h in enumerate(heads.heads) if h.weight.grad is not None] == [3]
+    torch.testing.assert_close(heads.heads[3].weight.grad, features[tasks == 3].sum(0).expand(2, 8))

@@ -450,3 +450,179 @@ def test_one_task_batch_fast_path_equals_the_reference(kind):
         torch.testing.assert_close(out[b], h[b] + REFERENCE[kind](site.delta, 1, x[b], h[b]), atol=1e-5, rtol=1e-4)
     with bank.route(torch.tensor([1, 1, 0, 1])):
         assert bank.routing.single_slot(3) is None
+
+
+# ---------------------------------------------------------------------------------------------------- many tasks
+MANY = 12  # tasks stored; a batch uses a few of them, read from the stacked slots
+MANY_LABELS = [("neg", "pos"), ("a", "b", "c"), ("x", "y", "z", "w")] * (MANY // 3) + [("yes", "no")]
+MANY_TASKS = [TaskInfo(i, f"task{i}", labels) for i, labels in enumerate(MANY_LABELS)]  # one more than allocated
+
+
+def build_many(backbones, kind, composition="isolated", arch="bert"):
+    """A classifier with MANY tasks allocated, trained (random values) and frozen, as a long stream leaves it."""
+    model = ContinualClassifier(copy.deepcopy(backbones[arch]), MANY_LABELS, pooling="mean" if arch == "bert" else "last")
+    strategy = DeltaStrategy(kinds=[kind], composition=composition)
+    strategy.setup(model, MANY_TASKS)
+    gen = torch.Generator().manual_seed(3)
+    for task in MANY_TASKS[:MANY]:
+        strategy.before_task(model, task)
+        with torch.no_grad():
+            for p in model.bank.task_parameters(task.index) + model.heads.parameters_for(task.index):
+                p.add_(0.2 * torch.randn(p.shape, generator=gen))
+        strategy.after_task(model, task)
+    return model.eval(), strategy
+
+
+def stacks_of(model):
+    """Every SlotParameters of the model's bank (the stacked storage of its slots)."""
+    from continual.modules.deltas.stacking import SlotParameters
+
+    return [m for site in model.bank.sites().values() for m in site.delta.modules() if isinstance(m, SlotParameters)]
+
+
+def stacked(model) -> bool:
+    """Every slot of every site is a view of its row of the site's stack."""
+    from continual.modules.deltas.stacking import are_views_of
+
+    return all(s._stack is not None and are_views_of(list(s), s._stack) for s in stacks_of(model))
+
+
+@pytest.mark.parametrize("composition", ["isolated", "sequential"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_mixed_batch_over_many_stored_tasks_equals_per_task_batches(backbones, kind, composition):
+    """MANY tasks stored, a batch using 3 of them: the gathered slots give each sample its own task's output."""
+    model, _ = build_many(backbones, kind, composition)
+    assert stacks_of(model) and stacked(model)
+    x, tasks = batch(), torch.tensor([7, 2, 11, 11, 7, 2])
+    with torch.no_grad():
+        mixed = model(x, tasks)
+        for t in (2, 7, 11):
+            rows = (tasks == t).nonzero(as_tuple=True)[0]
+            torch.testing.assert_close(mixed[rows], model(x[rows], t), atol=1e-5, rtol=1e-4)
+    with model.bank.route(tasks):
+        used = model.bank.routing.selection(MANY)
+        assert used.ids == ((2, 7, 11) if composition == "isolated" else tuple(range(12)))
+        assert used.weights.shape == (6, len(used.ids)) and used.single is None
+
+
+@pytest.mark.parametrize("kind", ["lora", "adapter", "prefix", "prompt"])
+def test_frozen_slots_written_in_place_are_read_from_the_stack(backbones, kind):
+    """An in-place write to a frozen slot (an optimizer step, copy_ from a checkpoint or a run state) lands in the
+    stack the batch reads: nothing goes stale."""
+    model, _ = build_many(backbones, kind)
+    x = batch()
+    with torch.no_grad():
+        before = model(x, torch.full((6,), 5))
+        for p in model.bank.task_parameters(5):
+            p.mul_(-1.5)
+        after = model(x, torch.tensor([5, 5, 5, 1, 1, 1]))
+        assert not torch.allclose(after[:3], before[:3], atol=1e-4)
+        torch.testing.assert_close(after[:3], model(x[:3], 5), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["lora", "adapter", "prefix", "prompt"])
+def test_the_stack_follows_loads_allocation_conversion_and_copies(backbones, kind):
+    model, strategy = build_many(backbones, kind)
+    other, _ = build_many(backbones, kind)
+    with torch.no_grad():
+        for p in other.bank.task_parameters(3) + other.heads.parameters_for(9):
+            p.add_(1.0)
+    x, tasks = batch(), torch.tensor([0, 3, 9, 9, 3, 0])
+    with torch.no_grad():
+        expected = other(x, tasks)
+        assert not torch.allclose(model(x, tasks), expected, atol=1e-4)
+        # load_state_dict copying (the default) and assigning: the batch reads the loaded values
+        model.load_state_dict(other.state_dict())
+        torch.testing.assert_close(model(x, tasks), expected)
+        fresh, _ = build_many(backbones, kind)
+        fresh(x, tasks)
+        fresh.load_state_dict({k: v.clone() for k, v in other.state_dict().items()}, assign=True)
+        torch.testing.assert_close(fresh(x, tasks), expected)
+        assert stacked(fresh), "rebuilt on the first read"
+
+        # a conversion converts the stack as one tensor and keeps the views
+        model.double()
+        assert stacked(model) and all(s._stack.dtype == torch.float64 for s in stacks_of(model))
+        torch.testing.assert_close(model(x, tasks).float(), expected, atol=1e-5, rtol=1e-4)
+        model.float()
+
+        # a copy stacks its own Parameters: writing to the copy leaves the original alone
+        twin = copy.deepcopy(model)
+        for p in twin.bank.task_parameters(9):
+            p.zero_()
+        torch.testing.assert_close(model(x, tasks), expected)
+        assert not torch.allclose(twin(x, tasks)[2:4], expected[2:4], atol=1e-4)
+
+    # a task allocated after reads takes the next row of the stack
+    extra = MANY_TASKS[MANY]
+    strategy.before_task(model, extra)
+    with torch.no_grad():
+        for p in model.bank.task_parameters(MANY):
+            p.add_(0.3)
+    strategy.after_task(model, extra)
+    with torch.no_grad():
+        grown = model(x, torch.tensor([MANY, 3, 9, 9, 3, MANY]))
+        torch.testing.assert_close(grown[1:5], expected[1:5], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(grown[[0, 5]], model(x[[0, 5]], MANY), atol=1e-5, rtol=1e-4)
+    assert stacked(model) and all(len(s) == MANY + 1 for s in stacks_of(model))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_mixed_training_batch_reaches_only_the_trainable_slot(backbones, kind):
+    """Frozen slots come from the stack; the slot that trains is read live, so only it (and its head) get gradients,
+    equal to those of a one-task batch of its samples."""
+    model, strategy = build_many(backbones, kind)
+    task = MANY_TASKS[4]
+    trainable = set_trainable(model, strategy.trainable_parameters(model, task))
+    x, tasks = batch(), torch.tensor([4, 8, 4, 1, 8, 4])
+    rows = (tasks == 4).nonzero(as_tuple=True)[0]
+    y = torch.arange(6) % 2
+    F.cross_entropy(model(x, tasks)[rows], y[rows], reduction="sum").backward()  # eval mode: no dropout
+    mixed = {id(p): p.grad.clone() for p in trainable}
+    named = dict(model.named_parameters())
+    assert [n for n, p in named.items() if p.grad is not None and id(p) not in mixed] == []
+    assert any(g.abs().sum() > 0 for g in mixed.values())
+    for p in model.parameters():
+        p.grad = None
+    F.cross_entropy(model(x[rows], 4), y[rows], reduction="sum").backward()  # the one-task path
+    for p in trainable:
+        torch.testing.assert_close(mixed[id(p)], p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_slot_parameters_grow_reserve_and_keep_their_values():
+    from continual.modules.deltas.stacking import SlotParameters, are_views_of
+
+    slots = SlotParameters()
+    values = [torch.randn(3, 2) for _ in range(9)]
+    for v in values:
+        slots.append(nn.Parameter(v.clone()))
+        assert are_views_of(list(slots), slots._stack)
+    assert slots._stack.shape[0] >= 9 and torch.equal(slots.stacked(), torch.stack(values))
+    slots.reserve(40)
+    assert slots._stack.shape[0] == 40 and are_views_of(list(slots), slots._stack)
+    slots[4] = nn.Parameter(torch.ones(3, 2), requires_grad=False)  # a replaced slot is copied into its row
+    assert torch.equal(slots.stacked()[4], torch.ones(3, 2)) and are_views_of(list(slots), slots._stack)
+    picked = slots.rows(torch.tensor([4, 8]), (4, 8))
+    assert picked.grad_fn is not None and torch.equal(picked[1], values[8])  # slot 8 requires grad: read live
+    picked.sum().backward()
+    assert slots[8].grad is not None and slots[4].grad is None and slots[0].grad is None
+    assert isinstance(slots[1:3], nn.ParameterList) and not isinstance(slots[1:3], SlotParameters)
+
+
+def test_the_slot_selection_is_found_once_with_the_callers_value():
+    from continual.modules.deltas.stacking import SlotSelection, select_slots
+
+    weights = torch.tensor([[0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0]])
+    selection, extra = select_slots(weights, True, torch.tensor(17))
+    assert selection.ids == (1, 3) and selection.slots.tolist() == [1, 3] and int(extra) == 17
+    assert selection.weights.tolist() == [[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]] and selection.single is None
+    assert select_slots(weights[[0, 2]], True)[0].single == 1
+    assert select_slots(weights[[0, 2]] * 0.5, False)[0].single is None  # one slot, but not with weight 1
+    assert SlotSelection.of_all(weights, True).ids == (0, 1, 2, 3)  # every slot, no sync
+    bank = ModuleBank()
+    bank.attach(nn.ModuleDict({"proj": nn.Linear(4, 4)}), "lora", ["proj"])
+    for t in range(4):
+        bank.add_task(t)
+    with bank.route(torch.tensor([3, 0, 3])):
+        assert int(bank.host_value(torch.tensor(9))) == 9
+        assert bank.routing.selection(4).ids == (0, 3)

@@ -17,6 +17,7 @@ from torch import nn
 from continual.modules.families import default_targets
 from continual.modules.deltas.mixing import ACTIVATIONS, mixed_bottleneck
 from continual.modules.deltas.registry import register_delta
+from continual.modules.deltas.stacking import SlotParameters, SlotSelection
 
 # Attention output and FFN output projections, per architecture family.
 BLOCK_OUTPUTS: Dict[str, str] = default_targets("block_outputs")
@@ -59,10 +60,10 @@ class AdapterDelta(nn.Module):
             raise ValueError(f"{self.kind}: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         self.in_width = in_features if self.reads_input else out_features
         self.out_features, self.bottleneck, self.activation, self.scale = out_features, bottleneck, activation, scale
-        self.down = nn.ParameterList()  # slot k: [bottleneck, in_width]
-        self.down_bias = nn.ParameterList()  # slot k: [bottleneck]
-        self.up = nn.ParameterList()  # slot k: [out, bottleneck], zero-initialised
-        self.up_bias = nn.ParameterList()  # slot k: [out], zero-initialised
+        self.down = SlotParameters()  # slot k: [bottleneck, in_width]
+        self.down_bias = SlotParameters()  # slot k: [bottleneck]
+        self.up = SlotParameters()  # slot k: [out, bottleneck], zero-initialised
+        self.up_bias = SlotParameters()  # slot k: [out], zero-initialised
 
     @property
     def n_slots(self) -> int:
@@ -78,17 +79,18 @@ class AdapterDelta(nn.Module):
     def slot_parameters(self, slot: int) -> Dict[str, nn.Parameter]:
         return {"down": self.down[slot], "down_bias": self.down_bias[slot], "up": self.up[slot], "up_bias": self.up_bias[slot]}
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor, weights: torch.Tensor, exclusive: bool) -> torch.Tensor:
-        """x: [B, T, in]; h: [B, T, out]; weights: [B, K] -> [B, T, out]."""
+    def forward(self, x: torch.Tensor, h: torch.Tensor, selection: SlotSelection) -> torch.Tensor:
+        """x: [B, T, in]; h: [B, T, out]; the batch's U slots -> [B, T, out]."""
+        slots, ids = selection.slots, selection.ids
         return self.scale * mixed_bottleneck(
             x if self.reads_input else h,
-            torch.stack(tuple(self.down)),
-            torch.stack(tuple(self.up)),
-            weights,
-            exclusive=exclusive,
+            self.down.rows(slots, ids),
+            self.up.rows(slots, ids),
+            selection.weights,
+            exclusive=selection.exclusive,
             activation=ACTIVATIONS[self.activation],
-            down_bias=torch.stack(tuple(self.down_bias)),
-            up_bias=torch.stack(tuple(self.up_bias)),
+            down_bias=self.down_bias.rows(slots, ids),
+            up_bias=self.up_bias.rows(slots, ids),
         )
 
     def forward_slot(self, x: torch.Tensor, h: torch.Tensor, slot: int) -> torch.Tensor:

@@ -15,6 +15,7 @@ from torch import nn
 
 from continual.modules.families import default_targets
 from continual.modules.deltas.registry import register_delta
+from continual.modules.deltas.stacking import SlotParameters, SlotSelection
 
 
 @register_delta
@@ -35,7 +36,7 @@ class BitFitDelta(nn.Module):
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.out_features = out_features
-        self.offset = nn.ParameterList()  # slot k: [out]
+        self.offset = SlotParameters()  # slot k: [out]
 
     @property
     def n_slots(self) -> int:
@@ -47,10 +48,10 @@ class BitFitDelta(nn.Module):
     def slot_parameters(self, slot: int) -> Dict[str, nn.Parameter]:
         return {"offset": self.offset[slot]}
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor, weights: torch.Tensor, exclusive: bool) -> torch.Tensor:
-        """weights: [B, K] -> [B, 1, out] (one offset per sample, the same for every position)."""
-        offsets = torch.stack(tuple(self.offset))  # [K, out]
-        return (weights.to(offsets.dtype) @ offsets)[:, None, :]
+    def forward(self, x: torch.Tensor, h: torch.Tensor, selection: SlotSelection) -> torch.Tensor:
+        """The batch's U slots -> [B, 1, out] (one offset per sample, the same for every position)."""
+        offsets = self.offset.rows(selection.slots, selection.ids)  # [U, out]
+        return (selection.weights.to(offsets.dtype) @ offsets)[:, None, :]
 
     def forward_slot(self, x: torch.Tensor, h: torch.Tensor, slot: int) -> torch.Tensor:
         return self.offset[slot]

@@ -16,6 +16,7 @@ from torch import nn
 
 from continual.modules.families import default_targets
 from continual.modules.deltas.registry import register_delta
+from continual.modules.deltas.stacking import SlotParameters, SlotSelection
 
 ALL_BLOCK_LINEARS: Dict[str, str] = default_targets("block_linears")
 
@@ -37,8 +38,8 @@ class SelectiveDelta(nn.Module):
     def __init__(self, in_features: int, out_features: int):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.ParameterList()  # slot k: [out, in]
-        self.bias = nn.ParameterList()  # slot k: [out]
+        self.weight = SlotParameters()  # slot k: [out, in]
+        self.bias = SlotParameters()  # slot k: [out]
 
     @property
     def n_slots(self) -> int:
@@ -51,11 +52,13 @@ class SelectiveDelta(nn.Module):
     def slot_parameters(self, slot: int) -> Dict[str, nn.Parameter]:
         return {"weight": self.weight[slot], "bias": self.bias[slot]}
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor, weights: torch.Tensor, exclusive: bool) -> torch.Tensor:
-        """x: [B, T, in]; weights: [B, K] -> [B, T, out], one batched matmul with each sample's (mixed) offset."""
-        W, b = torch.stack(tuple(self.weight)), torch.stack(tuple(self.bias))  # [K, out, in], [K, out]
-        weights = weights.to(W.dtype)
-        if exclusive:
+    def forward(self, x: torch.Tensor, h: torch.Tensor, selection: SlotSelection) -> torch.Tensor:
+        """x: [B, T, in]; the batch's U slots -> [B, T, out], one batched matmul with each sample's (mixed)
+        offset."""
+        W = self.weight.rows(selection.slots, selection.ids)  # [U, out, in]
+        b = self.bias.rows(selection.slots, selection.ids)  # [U, out]
+        weights = selection.weights.to(W.dtype)
+        if selection.exclusive:
             slot = weights.abs().argmax(dim=1)  # [B]
             gate = weights.gather(1, slot[:, None])[:, :, None]  # [B, 1, 1]
             return (torch.bmm(x, W[slot].transpose(1, 2)) + b[slot][:, None, :]) * gate

@@ -19,6 +19,7 @@ from torch import nn
 
 from continual.modules.deltas.lora import LoRADelta
 from continual.modules.deltas.registry import register_delta
+from continual.modules.deltas.stacking import SlotParameters, SlotSelection
 
 
 @register_delta
@@ -46,7 +47,7 @@ class IntrinsicDelta(nn.Module):
         # V x has unit-scale entries for unit-scale x; U spreads each coordinate of z over the output.
         self.register_buffer("proj_in", torch.randn(in_features, dim, generator=generator) / math.sqrt(in_features), persistent=False)
         self.register_buffer("proj_out", torch.randn(out_features, dim, generator=generator) / math.sqrt(dim), persistent=False)
-        self.z = nn.ParameterList()  # slot k: [d], zero-initialised
+        self.z = SlotParameters()  # slot k: [d], zero-initialised
 
     @property
     def n_slots(self) -> int:
@@ -60,10 +61,10 @@ class IntrinsicDelta(nn.Module):
     def slot_parameters(self, slot: int) -> Dict[str, nn.Parameter]:
         return {"z": self.z[slot]}
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor, weights: torch.Tensor, exclusive: bool) -> torch.Tensor:
-        """x: [B, T, in]; weights: [B, K] -> [B, T, out]: ``U diag(sum_k w_bk z_k) V^T x_b``."""
-        Z = torch.stack(tuple(self.z))  # [K, d]
-        mixed = weights.to(Z.dtype) @ Z  # [B, d]
+    def forward(self, x: torch.Tensor, h: torch.Tensor, selection: SlotSelection) -> torch.Tensor:
+        """x: [B, T, in]; the batch's U slots -> [B, T, out]: ``U diag(sum_k w_bk z_k) V^T x_b``."""
+        Z = self.z.rows(selection.slots, selection.ids)  # [U, d]
+        mixed = selection.weights.to(Z.dtype) @ Z  # [B, d]
         return ((x @ self.proj_in) * mixed[:, None, :]) @ self.proj_out.T
 
     def forward_slot(self, x: torch.Tensor, h: torch.Tensor, slot: int) -> torch.Tensor:

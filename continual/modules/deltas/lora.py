@@ -16,6 +16,7 @@ from torch import nn
 from continual.modules.families import default_targets
 from continual.modules.deltas.mixing import mixed_bottleneck
 from continual.modules.deltas.registry import register_delta
+from continual.modules.deltas.stacking import SlotParameters, SlotSelection
 
 
 @register_delta
@@ -46,8 +47,8 @@ class LoRADelta(nn.Module):
         self.in_features, self.out_features, self.r = in_features, out_features, r
         self.scale = alpha / r
         self.dropout = nn.Dropout(dropout)
-        self.lora_A = nn.ParameterList()  # slot k: [r, in]
-        self.lora_B = nn.ParameterList()  # slot k: [out, r]
+        self.lora_A = SlotParameters()  # slot k: [r, in]
+        self.lora_B = SlotParameters()  # slot k: [out, r]
 
     @property
     def n_slots(self) -> int:
@@ -62,10 +63,11 @@ class LoRADelta(nn.Module):
     def slot_parameters(self, slot: int) -> Dict[str, nn.Parameter]:
         return {"lora_A": self.lora_A[slot], "lora_B": self.lora_B[slot]}
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor, weights: torch.Tensor, exclusive: bool) -> torch.Tensor:
-        """x: [B, T, in]; weights: [B, K] -> [B, T, out]."""
-        A, B = torch.stack(tuple(self.lora_A)), torch.stack(tuple(self.lora_B))  # [K, r, in], [K, out, r]
-        return self.scale * mixed_bottleneck(self.dropout(x), A, B, weights, exclusive=exclusive)
+    def forward(self, x: torch.Tensor, h: torch.Tensor, selection: SlotSelection) -> torch.Tensor:
+        """x: [B, T, in]; the batch's U slots -> [B, T, out]."""
+        A = self.lora_A.rows(selection.slots, selection.ids)  # [U, r, in]
+        B = self.lora_B.rows(selection.slots, selection.ids)  # [U, out, r]
+        return self.scale * mixed_bottleneck(self.dropout(x), A, B, selection.weights, exclusive=selection.exclusive)
 
     def forward_slot(self, x: torch.Tensor, h: torch.Tensor, slot: int) -> torch.Tensor:
         return self.scale * ((self.dropout(x) @ self.lora_A[slot].T) @ self.lora_B[slot].T)

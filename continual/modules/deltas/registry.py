@@ -1,8 +1,10 @@
 """What a delta kind is to the module bank, and the one table that names every kind.
 
 A *delta kind* (LoRA, adapter, ...) lives inside one :class:`~continual.modules.bank.TaskModuleSite` and keeps one
-*slot* of parameters per task. Given the per-sample slot weights that the router produced, it returns the change
-it makes to the wrapped linear's output for every sample of a batch at once. Mixture-of-experts layers are meant to
+*slot* of parameters per task. Given the slots a batch uses and each sample's weights over them (a
+:class:`~continual.modules.deltas.stacking.SlotSelection`), it returns the change it makes to the wrapped linear's
+output for every sample of a batch at once, reading only those slots (kinds keep their slots stacked in
+:class:`~continual.modules.deltas.stacking.SlotParameters`, so a mixed batch costs what its own tasks need). Mixture-of-experts layers are meant to
 be kinds as well: an expert is a slot, a gate is a router.
 """
 
@@ -12,6 +14,8 @@ from typing import ClassVar, Dict, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 from torch import nn
+
+from continual.modules.deltas.stacking import SlotSelection
 
 # name -> kind class; filled by ``@register_delta`` in each kind's own module, nowhere else.
 DELTA_KINDS: Dict[str, type] = {}
@@ -38,7 +42,7 @@ class TaskDelta(Protocol):
     #          targets); both built as ``Kind.from_base(module, **options)``.
     #   virtual_tokens: True for kinds that add positions to the sequence (prompt and prefix tuning). Each slot
     #          owns ``tokens_per_slot`` virtual positions that the bank prepends to the input; the kind's
-    #          ``place(h, weights, span, exclusive)`` writes its slots' vectors there and returns the whole output.
+    #          ``place(h, selection, span)`` writes the used slots' vectors there and returns the whole output.
     #   identity_at_init: False for kinds whose new slot changes outputs (virtual tokens add attention mass).
     #   freeze_slot(slot): called when a task is frozen (e.g. fold a reparameterisation into plain vectors).
     #   forward_slot(x, h, slot): the change made by one slot for a batch that is all one task (x: [..., in],
@@ -54,14 +58,16 @@ class TaskDelta(Protocol):
     def slot_parameters(self, slot: int) -> Dict[str, nn.Parameter]:
         """One task's parameters by role name (``{"lora_A": ..., "lora_B": ...}``)."""
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor, weights: torch.Tensor, exclusive: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, h: torch.Tensor, selection: SlotSelection) -> torch.Tensor:
         """The change to the linear's output.
 
         Args:
             x: ``[B, T, in]`` input of the wrapped linear.
             h: ``[B, T, out]`` output of the wrapped linear.
-            weights: ``[B, K]`` weight of each slot for each sample (``K == n_slots``).
-            exclusive: every row of ``weights`` has at most one non-zero entry (a kind may then gather).
+            selection: the ``U`` slots some sample uses (``selection.slots``, ``selection.ids``) and each sample's
+                weights over them, ``selection.weights [B, U]``; ``selection.exclusive``: every row has at most one
+                non-zero entry (a kind may then gather). ``SlotSelection.of_all(weights [B, K], exclusive)`` asks
+                for every slot.
 
         Returns:
             A tensor broadcastable to ``[B, T, out]``; rows whose weights are all zero are exactly zero.

@@ -13,7 +13,8 @@ slots' vectors into those positions:
 
 With sequential composition a task-``j`` sample sees the blocks of tasks ``0..j`` (Progressive Prompts,
 Razdaibiedina et al. 2023); with isolated composition each sample gets its own task's block (gathered, ``P``
-positions whatever the number of tasks).
+positions whatever the number of tasks). Either way only the slots the batch uses are read (one gather from the
+stacked vectors, no per-slot Python work), so a mixed batch costs what its own tasks need.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 
 from continual.modules.families import default_targets
 from continual.modules.deltas.registry import register_delta
+from continual.modules.deltas.stacking import SlotParameters, SlotSelection
 
 
 class VirtualTokens(nn.Module):
@@ -46,7 +48,7 @@ class VirtualTokens(nn.Module):
         self.tokens_per_slot, self.width, self.columns = tokens, width, columns
         self.reparam_hidden = reparam_hidden
         self.group = -1  # set by the bank: which block of virtual positions this site writes
-        self.vectors = nn.ParameterList()  # slot k: [P, width] (the reparameterisation's input while training)
+        self.vectors = SlotParameters()  # slot k: [P, width] (the reparameterisation's input while training)
         # slot k: an MLP width -> hidden -> width applied to vectors[k] while the slot trains, Identity once folded
         self.reparam = nn.ModuleList()
 
@@ -89,28 +91,40 @@ class VirtualTokens(nn.Module):
         self.vectors[slot] = nn.Parameter(folded, requires_grad=False)
         self.reparam[slot] = nn.Identity()
 
-    def place(self, h: torch.Tensor, weights: torch.Tensor, span: Tuple[int, int], exclusive: bool) -> torch.Tensor:
-        """Write the slots' vectors into the virtual positions of ``h``.
+    def used_values(self, selection: SlotSelection) -> torch.Tensor:
+        """``[U, P, width]`` the values of the slots the batch uses: rows of the stacked vectors, and a slot that
+        still trains through its reparameterisation computed through it."""
+        values = self.vectors.rows(selection.slots, selection.ids)
+        if self.reparam_hidden:
+            live = [(u, k) for u, k in enumerate(selection.ids) if not isinstance(self.reparam[k], nn.Identity)]
+            if live:
+                where = torch.tensor([u for u, _ in live], device=values.device)
+                values = values.index_copy(0, where, torch.stack([self.slot_values(k) for _, k in live]))
+        return values
+
+    def place(self, h: torch.Tensor, selection: SlotSelection, span: Tuple[int, int]) -> torch.Tensor:
+        """Write the used slots' vectors into the virtual positions of ``h``.
 
         Args:
             h: ``[B, V+T, out]`` output of the wrapped module.
-            weights: ``[B, K]`` slot weights (which positions a sample sees is decided by the attention mask).
+            selection: the batch's slots and weights (which positions a sample sees is decided by the attention
+                mask); exclusive: ``count == P`` and each sample gets its own slot's vectors, otherwise one block
+                of ``P`` per used slot (``count == U * P``).
             span: ``(first, count)`` positions of this kind's block; ``count == 0`` when the forward continues a
                 cached sequence whose virtual positions an earlier forward wrote (nothing to write now).
-            exclusive: one slot per sample: ``count == P`` and each sample gets its own slot's vectors.
 
         Returns:
             ``h`` with ``[:, first:first+count, columns]`` replaced.
         """
         first, count = span
-        if count == 0:
+        if count == 0 or not selection.ids:  # nothing to write (no sample sees these positions)
             return h
-        values = torch.stack([self.slot_values(k) for k in range(self.n_slots)]).to(h.dtype)  # [K, P, width]
+        values = self.used_values(selection).to(h.dtype)  # [U, P, width]
         B = h.shape[0]
-        if exclusive:
-            per_sample = values[weights.abs().argmax(dim=1)]  # [B, P, width]
+        if selection.exclusive:
+            per_sample = values[selection.weights.abs().argmax(dim=1)]  # [B, P, width]
         else:
-            per_sample = values.reshape(1, -1, self.width).expand(B, -1, -1)  # [B, K*P, width]
+            per_sample = values.reshape(1, -1, self.width).expand(B, -1, -1)  # [B, U*P, width]
         if per_sample.shape[1] != count:
             raise RuntimeError(f"{self.kind}: the bank laid out {count} positions but the slots fill {per_sample.shape[1]}")
         lo, hi = self.columns

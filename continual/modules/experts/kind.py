@@ -18,10 +18,13 @@ FFN (router rows only, zeros: logit 0; their output is the FFN's) and task slot 
 
     y(x) = sum over the top-k experts e of p_e(x) f_e(x),    p = softmax over the experts x may use
 
-**Which experts a sample may use** is read from the bank's per-sample slot weights ``[B, K]``: the shared ones plus
-the switched-on experts of every slot whose weight is non-zero. The bank's ``simultaneous`` composition allows every
-slot (token-level routing over all experts, no task id needed); ``isolated`` allows the sample's own task only
-(task-conditioned routing); ``sequential`` allows tasks up to its own.
+**Which experts a sample may use** is read from the bank's per-sample slot weights (the forward's
+:class:`~continual.modules.deltas.stacking.SlotSelection`): the shared ones plus the switched-on experts of every slot
+whose weight is non-zero. The bank's ``simultaneous`` composition allows every slot (token-level routing over all
+experts, no task id needed); ``isolated`` allows the sample's own task only (task-conditioned routing: the batch's
+tokens route among the shared experts and the experts of the batch's own slots only, so a batch costs what its own
+tasks need however many are stored; :meth:`~continual.modules.experts.pool.ExpertPool.route_among`); ``sequential``
+allows tasks up to its own.
 
 **Exactness.** The site computes ``h = FFN(x)`` and adds ``y - h``:
 
@@ -56,6 +59,7 @@ from torch import nn
 from continual.modules.families import default_targets
 from continual.modules.bank import ModuleBank
 from continual.modules.deltas.registry import register_delta
+from continual.modules.deltas.stacking import SlotSelection
 from continual.modules.experts.layer import ACTIVATIONS
 from continual.modules.experts.losses import mean_routing_losses
 from continual.modules.experts.options import ExpertOptions
@@ -214,33 +218,51 @@ class ExpertsDelta(nn.Module):
         per_slot = (weights != 0).repeat_interleave(sizes, dim=1)  # [B, E - S]
         return torch.cat([shared, per_slot], dim=1) & self.pool.enabled_mask().to(weights.device)[None, :]
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor, weights: torch.Tensor, exclusive: bool) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, h: torch.Tensor, selection: SlotSelection) -> torch.Tensor:
         """The change routing makes to the dense FFN's output.
+
+        Task-conditioned (exclusive) routing routes every token among the shared experts and its own task's only,
+        so only the batch's slots are read: their router rows, their experts (:meth:`ExpertPool.route_among`), never
+        the other stored slots'. Any other composition lets a token use every allowed slot's experts (token-level
+        routing over the whole pool).
 
         Args:
             x: ``[B, T, d]`` (or ``[B, d]``) input of the FFN.
             h: same shape, the FFN's output.
-            weights: ``[B, K]`` slot weights (which tasks' experts each sample may use).
-            exclusive: unused (the allowed experts are read from ``weights``).
+            selection: the slots the batch uses and each sample's weights (which tasks' experts it may use).
 
         Returns:
             ``[B, T, d]``, or a zero scalar when no sample may use a task expert (the dense FFN exactly).
         """
         self.last_routing = None
-        allowed = self.allowed_experts(weights)  # [B, E]
         S = self.n_shared
+        if selection.exclusive:
+            if not selection.ids:
+                return h.new_zeros(())
+            among = self.pool.columns_of([SHARED_GROUP] + [group_of_slot(k) for k in selection.ids])
+            own = selection.weights != 0  # [B, U]: at most one slot per sample
+            groups = torch.cat([own.new_ones(own.shape[0], 1), own], dim=1)  # [B, 1 + U]: the shared ones and its own
+            allowed = groups[:, among.column_group] & among.enabled[None, :]  # [B, C]
+        else:
+            among = None
+            allowed = self.allowed_experts(selection.every)  # [B, E]
         routed = allowed[:, S:].any(dim=1) & (allowed.sum(dim=1) >= self.k)  # [B]
-        if not bool(routed.any()):
+        n_routed = int(routed.sum())
+        if not n_routed:
             return h.new_zeros(())
-        rows = None if bool(routed.all()) else routed.nonzero().flatten()
+        rows = None if n_routed == routed.shape[0] else routed.nonzero().flatten()
         token_mask = self._token_mask(x)
         if rows is not None:
             x, h, allowed = x[rows], h[rows], allowed[rows]
             token_mask = None if token_mask is None else token_mask[rows]
-        masked = not bool((allowed == self.pool.enabled_mask().to(allowed.device)[None, :]).all())
-        expert_mask = expand_sample_mask(allowed, tuple(x.shape[:-1])) if masked else None
         flat, h_flat = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
-        routing = self.pool.route(flat, expert_mask, token_mask)  # the router reads [x, 1]
+        if among is not None:
+            expert_mask = expand_sample_mask(allowed, tuple(x.shape[:-1]))
+            routing = self.pool.route_among(flat, among, expert_mask, token_mask)  # the router reads [x, 1]
+        else:
+            masked = not bool((allowed == self.pool.enabled_mask().to(allowed.device)[None, :]).all())
+            expert_mask = expand_sample_mask(allowed, tuple(x.shape[:-1])) if masked else None
+            routing = self.pool.route(flat, expert_mask, token_mask)
         act = ACTIVATIONS[self.activation]
         change = feed_forward_experts(self.pool, flat, routing, act, first_group=group_of_slot(0))  # task experts
         change = change + shared_change(self._ffn[0], flat, h_flat, shared_gates(routing.indices, routing.gates, S))

@@ -46,12 +46,29 @@ GROUPED_DEVICE_TYPES: Tuple[str, ...] = ("cuda",)
 # ---------------------------------------------------------------------------------------------------- routing math
 @dataclass
 class RouterOutput:
-    """The routing of one forward pass over ``N`` tokens and ``E`` experts."""
+    """The routing of one forward pass over ``N`` tokens and ``E`` experts.
 
-    probs: torch.Tensor  # [N, E] float32 softmax over all experts; exactly 0 for experts switched off or masked out
+    A routing among some groups only (:meth:`ExpertPool.route_among`) has ``probs`` over those groups' experts: column
+    ``c`` is expert ``columns[c]``; every other expert has probability 0 (the routing losses are the same either way).
+    """
+
+    probs: torch.Tensor  # [N, E] float32 softmax over all experts (or [N, C], see columns); exactly 0 for experts
+    #                      switched off or masked out
     indices: torch.Tensor  # [N, k] chosen experts (global index over all groups), most probable first
     gates: torch.Tensor  # [N, k] float32 probabilities of the chosen experts (not renormalised)
     token_mask: Optional[torch.Tensor] = None  # [N] bool: tokens that count (not padding); None: all
+    groups: Optional[Tuple[int, ...]] = None  # the groups routed among (ascending); None: all
+    columns: Optional[torch.Tensor] = None  # [C] long: the global expert of each probs column; None: all E
+
+
+@dataclass(frozen=True)
+class GroupColumns:
+    """The experts of some groups (ascending), as the columns of a routing among them (:meth:`ExpertPool.columns_of`)."""
+
+    groups: Tuple[int, ...]
+    columns: torch.Tensor  # [C] long: global expert index of each column, ascending
+    column_group: torch.Tensor  # [C] long: the position in ``groups`` of each column's group
+    enabled: torch.Tensor  # [C] bool: the column's expert is switched on
 
 
 @dataclass
@@ -334,6 +351,7 @@ class ExpertPool(nn.Module):
         self.stop_gradient_mixing = False
         self._usage: Optional[ExpertUsage] = None
         self.last_routing: Optional[RouterOutput] = None
+        self._offsets: Optional[List[int]] = None  # first global expert of every group, then E (see group_offsets)
 
     # ------------------------------------------------------------------ layout
     @property
@@ -352,8 +370,34 @@ class ExpertPool(nn.Module):
     def group_slice(self, group: int) -> slice:
         """The global expert indices of one group."""
         self._check_group(group)
-        start = sum(g.n for g in self.groups[:group])
-        return slice(start, start + self.groups[group].n)
+        offsets = self.group_offsets()
+        return slice(offsets[group], offsets[group + 1])
+
+    def group_offsets(self) -> List[int]:
+        """``[G + 1]``: the first global expert index of every group, then ``E``. Kept between calls (groups change
+        size only through :meth:`add_experts`, :meth:`prune` and :meth:`replace_group`), so reading a few groups'
+        experts costs nothing per stored group."""
+        offsets = getattr(self, "_offsets", None)
+        if offsets is None or len(offsets) != len(self.groups) + 1:
+            self._offsets = offsets = [0, *accumulate(g.n for g in self.groups)]
+        return offsets
+
+    def columns_of(self, groups: Sequence[int]) -> GroupColumns:
+        """Every expert of ``groups`` (ascending group indices), switched on or not: the columns of
+        :meth:`route_among`. Work and memory grow with those groups' experts, not with the pool's."""
+        groups = tuple(int(g) for g in groups)
+        if any(b <= a for a, b in zip(groups, groups[1:])):
+            raise ValueError(f"groups must be ascending and distinct, got {list(groups)}")
+        for g in groups:
+            self._check_group(g)
+        offsets = self.group_offsets()
+        columns = [e for g in groups for e in range(offsets[g], offsets[g + 1])]
+        sizes = [offsets[g + 1] - offsets[g] for g in groups]
+        device = self.groups[0].router.device
+        column_group = torch.repeat_interleave(torch.arange(len(groups)), torch.tensor(sizes, dtype=torch.long))
+        enabled = torch.cat([self.groups[g].enabled for g in groups]) if groups else torch.zeros(0, dtype=torch.bool)
+        return GroupColumns(groups, torch.tensor(columns, dtype=torch.long).to(device), column_group.to(device),
+                            enabled.to(device))
 
     def enabled_mask(self) -> torch.Tensor:
         """``[E]`` bool: experts that can be selected."""
@@ -404,6 +448,10 @@ class ExpertPool(nn.Module):
 
     def set_group_enabled(self, group: int, value: bool = True) -> None:
         """Switch every expert of one group on (or off); see :meth:`set_enabled`."""
+        if value:  # nothing to check: touch this group only, whatever the number of groups
+            self._check_group(group)
+            self.groups[group].enabled.fill_(True)
+            return
         span = self.group_slice(group)
         self.set_enabled(torch.arange(span.start, span.stop), value)
 
@@ -427,6 +475,7 @@ class ExpertPool(nn.Module):
             with torch.no_grad():
                 group.router[:, -1] = router_bias / self.bias_feature
         self.groups.append(group)
+        self._offsets = None
         if self._usage is not None:
             self._usage = _pad_usage(self._usage, n)
         self.last_routing = None
@@ -446,6 +495,7 @@ class ExpertPool(nn.Module):
         if group.roles and {r: tuple(group.weight(r).shape[1:]) for r in group.roles} != self.shapes:
             raise ValueError(f"a group holds the roles {self.shapes} or none; got {list(group.roles)}")
         self.groups[index] = group
+        self._offsets = None
         self.last_routing = None
 
     def prune(self, keep: torch.Tensor) -> int:
@@ -462,6 +512,7 @@ class ExpertPool(nn.Module):
             raise ValueError(f"pruning must keep at least k={self.k} switched-on experts")
         slices = [self.group_slice(g) for g in range(len(self.groups))]  # before any group shrinks
         removed = sum(group.keep(keep[s]) for group, s in zip(self.groups, slices))
+        self._offsets = None
         if self._usage is not None:
             idx = keep.nonzero().flatten().to(self._usage.counts.device)
             self._usage = ExpertUsage(
@@ -541,25 +592,70 @@ class ExpertPool(nn.Module):
         if compact:
             indices = col[indices]
             probs = probs.new_zeros(x.shape[0], E).index_copy(1, col, probs)
+        return self._routed(RouterOutput(probs=probs, indices=indices, gates=gates), token_mask)
+
+    def route_among(
+        self,
+        x: torch.Tensor,
+        among: GroupColumns,
+        expert_mask: Optional[torch.Tensor] = None,
+        token_mask: Optional[torch.Tensor] = None,
+    ) -> RouterOutput:
+        """Choose ``k`` experts per token among the experts of some groups only (task-conditioned routing of a batch
+        that uses a few of many stored groups); kept as :attr:`last_routing` like :meth:`route`.
+
+        Only those groups' router rows are evaluated, so the work grows with the experts of ``among``, not with the
+        pool. Switched-off experts are never chosen.
+
+        Args:
+            x: ``[N, d_model]`` tokens.
+            among: :meth:`columns_of` the groups to route among.
+            expert_mask: ``[N, C]`` bool over ``among``'s columns (false -> probability 0).
+            token_mask: ``[N]`` bool, tokens that count for usage and losses (padding false).
+
+        Returns:
+            A :class:`RouterOutput` with global ``indices`` and ``probs [N, C]`` over ``among.columns``.
+        """
+        if x.dim() != 2 or x.shape[-1] != self.d_model:
+            raise ValueError(f"route expects [N, {self.d_model}] tokens, got {tuple(x.shape)}")
+        C = among.columns.shape[0]
+        if self.router_bias:
+            x = F.pad(x, (0, 1), value=1.0)
+        h = self.gate(x) if self.gate is not None else x  # [N, router_dim]
+        rows = torch.cat([self.groups[g].router for g in among.groups])  # [C, router_dim]
+        allowed = among.enabled[None, :].expand(x.shape[0], C)
+        if expert_mask is not None:
+            if expert_mask.shape != (x.shape[0], C):
+                raise ValueError(f"expert_mask must have shape [{x.shape[0]}, {C}], got {tuple(expert_mask.shape)}")
+            allowed = allowed & expert_mask.bool()
+        probs, gates, local = top_k_gating(F.linear(h, rows), self.k, allowed)
+        out = RouterOutput(probs=probs, indices=among.columns[local], gates=gates, groups=among.groups,
+                           columns=among.columns)
+        return self._routed(out, token_mask)
+
+    def _routed(self, out: RouterOutput, token_mask: Optional[torch.Tensor]) -> RouterOutput:
+        """Finish a routing: attach the token mask, stop the gates' gradient if asked, count usage, keep it."""
         if token_mask is not None:
             token_mask = token_mask.reshape(-1).bool()
-            if token_mask.shape[0] != x.shape[0]:
-                raise ValueError(f"token_mask has {token_mask.shape[0]} tokens but x has {x.shape[0]}")
+            if token_mask.shape[0] != out.indices.shape[0]:
+                raise ValueError(f"token_mask has {token_mask.shape[0]} tokens but x has {out.indices.shape[0]}")
+        out.token_mask = token_mask
         if self.stop_gradient_mixing:
-            gates = gates.detach()
-        out = RouterOutput(probs=probs, indices=indices, gates=gates, token_mask=token_mask)
+            out.gates = out.gates.detach()
         if self.record_usage:
             self._record(out)
         self.last_routing = out
         return out
 
     def expert_matmul(
-        self, role: str, x_sorted: torch.Tensor, counts: Sequence[int], first_group: int = 0
+        self, role: str, x_sorted: torch.Tensor, counts: Sequence[int], first_group: int = 0,
+        groups: Optional[Sequence[int]] = None,
     ) -> torch.Tensor:
         """``[M, d_in]`` rows sorted by expert -> ``[M, d_out]`` through the ``role`` matrices of the experts of
-        groups ``first_group..`` (``counts`` has one entry per expert of those groups)."""
-        groups = list(self.groups)[first_group:]
-        return expert_matmul(x_sorted, [g.weight(role) for g in groups], counts, self.dispatch)
+        groups ``first_group..`` (or of ``groups``, in that order); ``counts`` has one entry per expert of those
+        groups."""
+        chosen = list(self.groups)[first_group:] if groups is None else [self.groups[g] for g in groups]
+        return expert_matmul(x_sorted, [g.weight(role) for g in chosen], counts, self.dispatch)
 
     # ------------------------------------------------------------------ usage
     def usage(self) -> ExpertUsage:
@@ -654,9 +750,18 @@ def feed_forward_experts(
     Returns:
         ``[N, d]``; zeros for a token none of whose chosen experts is dispatched.
     """
-    plan = Dispatch.of(routing.indices, pool.n_experts, skip=sum(pool.group_sizes[:first_group]))
+    if routing.groups is None:
+        groups = list(range(first_group, pool.n_groups))
+        plan = Dispatch.of(routing.indices, pool.n_experts, skip=pool.group_offsets()[first_group])
+    else:  # a routing among some groups: dispatch over their experts only (its columns)
+        offsets = pool.group_offsets()
+        sizes = [offsets[g + 1] - offsets[g] for g in routing.groups]
+        local = torch.searchsorted(routing.columns, routing.indices)  # column of each choice
+        skip = sum(n for g, n in zip(routing.groups, sizes) if g < first_group)
+        plan = Dispatch.of(local, sum(sizes), skip=skip)
+        groups = [g for g in routing.groups if g >= first_group]
     if plan.order.numel() == 0:
         return x.new_zeros(x.shape)
-    h = act(pool.expert_matmul("w_in", plan.gather(x), plan.counts, first_group))
-    y_sorted = pool.expert_matmul("w_out", h, plan.counts, first_group)
+    h = act(pool.expert_matmul("w_in", plan.gather(x), plan.counts, groups=groups))
+    y_sorted = pool.expert_matmul("w_out", h, plan.counts, groups=groups)
     return plan.combine(y_sorted, routing.gates, x.shape[0])

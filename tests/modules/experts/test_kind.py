@@ -445,3 +445,55 @@ def test_the_kind_builds_its_pool_through_public_operations_only(backbones):
     model.bank.add_task(0)
     torch.testing.assert_close(pool.groups[1].router[:, -1], torch.full((2,), -2.5))
     assert not bool(pool.enabled_mask()[1:].any()), "added switched off"
+
+
+# ---------------------------------------------------------------------------------------------------- many tasks
+def many_tasks(backbones, n_tasks=12, **options):
+    """Task-conditioned (isolated) experts with ``n_tasks`` slots switched on, and a head per task."""
+    model = ContinualClassifier(copy.deepcopy(backbones["bert"]), [("neg", "pos")] * n_tasks).eval()
+    bank = ModuleBank("isolated")
+    upcycle(model.backbone, bank, **options)
+    model.bank = bank
+    for t in range(n_tasks):
+        add_task(bank, t)
+        bank.freeze_task(t)
+    return model
+
+
+def test_a_batch_over_many_stored_tasks_reads_only_its_tasks_experts(backbones):
+    """12 tasks stored, a batch using 3: each token routes among the shared experts and its own task's only (the
+    other slots' router rows are not even evaluated), and every sample gets its one-task output."""
+    model = many_tasks(backbones)
+    x, tasks = batch(), torch.tensor([9, 2, 5, 5, 9, 2])
+    with torch.no_grad():
+        mixed = model(x, tasks)
+        for delta in expert_deltas(model.bank).values():
+            routing = delta.last_routing
+            assert routing.groups == (0, 3, 6, 10) and routing.probs.shape[1] == 1 + 3 * 2
+            slots = delta.expert_slots()[routing.indices].view(6, -1)
+            assert bool(((slots == -1) | (slots == tasks[:, None])).all())
+        for t in (2, 5, 9):
+            rows = (tasks == t).nonzero(as_tuple=True)[0]
+            torch.testing.assert_close(mixed[rows], model(x[rows], t), atol=1e-5, rtol=1e-4)
+        # pruning an expert of a task in the batch: the columns follow the new layout
+        for delta in expert_deltas(model.bank).values():
+            keep = torch.ones(delta.pool.n_experts, dtype=torch.bool)
+            keep[delta.pool.group_slice(6).start] = False  # task 5's first expert
+            delta.prune(keep)
+        pruned = model(x, tasks)
+        for t in (2, 5, 9):
+            rows = (tasks == t).nonzero(as_tuple=True)[0]
+            torch.testing.assert_close(pruned[rows], model(x[rows], t), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(pruned[tasks != 5], mixed[tasks != 5], atol=1e-6, rtol=1e-6)
+
+
+def test_a_mixed_training_batch_over_many_experts_reaches_only_the_trainable_slot(backbones):
+    model = many_tasks(backbones)
+    from continual.training import set_trainable
+
+    trainable = set_trainable(model, model.bank.task_parameters(4) + model.heads.parameters_for(4))
+    x, tasks = batch(), torch.tensor([4, 8, 4, 1, 8, 4])
+    model(x, tasks)[tasks == 4].sum().backward()
+    ids = {id(p) for p in trainable}
+    assert [n for n, p in model.named_parameters() if p.grad is not None and id(p) not in ids] == []
+    assert all(p.grad is not None for p in trainable) and any(p.grad.abs().sum() > 0 for p in trainable)
