@@ -20,6 +20,7 @@ from torch import nn
 
 from continual.expansion import ExpansionStrategy, TaskInfo
 from continual.training import FINITE_CHECK_EVERY, FiniteLossCheck, NonFiniteLossError, set_trainable
+from continual.training.distributed import DataParallel, DataParallelHooks
 from continual.training.run_state import kill_point
 
 __all__ = ["ContinualLearner", "NonFiniteLossError", "build_optimizer"]  # NonFiniteLossError: what train() raises
@@ -47,6 +48,9 @@ class ContinualLearner(SupervisedTemplate):
         tasks: every task of the stream, in order (experience i is task i).
         optimizer: "adamw" or "sgd"; a fresh optimizer over the trainable parameters is made for every task.
         progress: show a tqdm bar over mini-batches.
+        parallel: the processes of a data-parallel run (``continual.training.distributed``): each computes its
+            share of every batch of ``train_mb_size`` and of the evaluation batches; None (or one process): all here.
+        seed: the run's seed (a data-parallel process's own random stream is drawn from it).
     """
 
     def __init__(
@@ -65,6 +69,8 @@ class ContinualLearner(SupervisedTemplate):
         device: torch.device | str = "cpu",
         plugins: Optional[list] = None,
         progress: bool = True,
+        parallel: Optional[DataParallel] = None,
+        seed: int = 0,
     ):
         self.strategy = strategy
         self.tasks = list(tasks)
@@ -93,6 +99,10 @@ class ContinualLearner(SupervisedTemplate):
         # that has trained so far (what a run state must keep besides the modules allocated per task).
         self.strategy_plugins = list(strategy.avalanche_plugins())
         self.trained_names: set = set()
+        # Data parallel: shards batches, sums gradients and losses over processes (after the strategy's plugins, so
+        # their losses and state are included).
+        self.data_parallel = DataParallelHooks(parallel, seed) if parallel is not None and parallel.active else None
+        parallel_hooks = [self.data_parallel] if self.data_parallel is not None else []
         super().__init__(
             model=model,
             optimizer=placeholder,
@@ -102,7 +112,7 @@ class ContinualLearner(SupervisedTemplate):
             eval_mb_size=eval_mb_size,
             device=device,
             # The learner's own hooks come last, so EWC/LwF/replay see the model as trained before it is frozen.
-            plugins=list(plugins or []) + self.strategy_plugins + [_LearnerHooks()],
+            plugins=list(plugins or []) + self.strategy_plugins + parallel_hooks + [_LearnerHooks()],
             evaluator=evaluator,
         )
 
@@ -185,6 +195,8 @@ class ContinualLearner(SupervisedTemplate):
             match = _ACC_KEY.match(key)
             if match:
                 out[int(match.group(2))] = float(value)
+        if self.data_parallel is not None:  # this process evaluated its share of the batches: sum over processes
+            out = self.data_parallel.combine_accuracies(out, [exp.current_experience for exp in experiences])
         missing = [exp.current_experience for exp in experiences if exp.current_experience not in out]
         if missing:
             raise RuntimeError(f"Avalanche reported no accuracy for experiences {missing}")
@@ -236,8 +248,10 @@ class _LearnerHooks(SupervisedPlugin):
     def after_training_epoch(self, strategy: "ContinualLearner", **kwargs):
         strategy._losses.flush()  # the epoch's last losses, checked before it counts as trained
         strategy._loss_sum, strategy._loss_count = strategy._losses.total, strategy._losses.count
-        count = strategy._loss_count
-        strategy.last_epoch_loss = strategy._loss_sum / count if count else math.nan
+        loss_sum, count = strategy._loss_sum, strategy._loss_count
+        if strategy.data_parallel is not None:  # the losses of the global batches, not of this process's shares
+            loss_sum, count = strategy.data_parallel.loss_sum, strategy.data_parallel.loss_steps
+        strategy.last_epoch_loss = loss_sum / count if count else math.nan
         if strategy._bar is not None:
             strategy._bar.close()
             strategy._bar = None
