@@ -144,12 +144,7 @@ def _run(cfg: DictConfig, echo: Callable[[str], None], parallel, resume: Optiona
         experiment, run_name = default_names(cfg)
         output_dir = parallel.on_main(lambda: open_run_dir(Path(cfg.tracking.output_dir) / experiment, run_name, cfg))
         run_name = output_dir.name  # the MLflow run and its folder share a name, suffixed when an earlier run had it
-        result = RunResult(task_names=names, matrix=np.full((T, T), np.nan), output_dir=output_dir)
-        if router is not None:  # a routed run is evaluated both ways: routed (the matrix) and with the task id given
-            result.oracle_matrix = np.full((T, T), np.nan)
-            result.routing_matrix = np.full((T, T), np.nan)
-            result.eval_seconds = {"routed": 0.0, "oracle": 0.0}
-        done, run_id = 0, None
+        result, done, run_id = _empty_result(names, output_dir, routed=router is not None), 0, None
     else:  # continue in the run's folder and MLflow run (journal: what the tracker knew when the run stopped)
         output_dir, state, own_uri = resume
         info = Journal(output_dir / JOURNAL_DIR).read_info()
@@ -159,12 +154,7 @@ def _run(cfg: DictConfig, echo: Callable[[str], None], parallel, resume: Optiona
         if own_uri and info.get("uri"):  # resolved when the run started: the same store from any directory
             uri = info["uri"]
         if state is None:
-            result = RunResult(task_names=names, matrix=np.full((T, T), np.nan), output_dir=output_dir)
-            if router is not None:
-                result.oracle_matrix = np.full((T, T), np.nan)
-                result.routing_matrix = np.full((T, T), np.nan)
-                result.eval_seconds = {"routed": 0.0, "oracle": 0.0}
-            done = 0
+            result, done = _empty_result(names, output_dir, routed=router is not None), 0
         else:
             restore(parts, state, learner)  # the model, strategy, router, plugins and RNGs after the last finished task
             result = RunResult.from_dict(state.data["result"], output_dir=output_dir)
@@ -324,6 +314,18 @@ def _run(cfg: DictConfig, echo: Callable[[str], None], parallel, resume: Optiona
         mark_finished(output_dir)
     echo(format_table(result, summary))
     echo(f"artifacts: {output_dir}")
+    return result
+
+
+def _empty_result(names: list, output_dir: Path, routed: bool) -> RunResult:
+    """A run's result before any task: NaN matrices (a routed run is evaluated both ways: routed, the matrix, and with
+    the task id given)."""
+    T = len(names)
+    result = RunResult(task_names=names, matrix=np.full((T, T), np.nan), output_dir=output_dir)
+    if routed:
+        result.oracle_matrix = np.full((T, T), np.nan)
+        result.routing_matrix = np.full((T, T), np.nan)
+        result.eval_seconds = {"routed": 0.0, "oracle": 0.0}
     return result
 
 

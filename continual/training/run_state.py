@@ -155,9 +155,10 @@ def write_state(run_dir: Path, finished: int, tensors: Mapping[str, Mapping[str,
     folder = root / f"after-task-{finished:04d}-{uuid.uuid4().hex[:6]}"
     os.replace(tmp, folder)
     manifest_path = root / MANIFEST
-    previous = _read_manifest(manifest_path).get("latest") if manifest_path.is_file() else None
-    if previous is not None and previous.get("finished") == finished:  # rewriting the same point (the final status)
-        previous = _read_manifest(manifest_path).get("previous")
+    current = _read_manifest(manifest_path) if manifest_path.is_file() else {}
+    previous = current.get("latest")
+    if previous is not None and previous.get("finished") == finished:  # rewriting the same point: keep its previous
+        previous = current.get("previous")
     manifest = {
         "format": FORMAT_VERSION,
         "status": status,
