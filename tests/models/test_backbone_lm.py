@@ -48,3 +48,28 @@ def test_gguf_converted_once_and_loads_as_causal_lm_and_encoder(tmp_path, monkey
     assert type(encoder).__name__ == "LlamaModel"
     assert torch.equal(encoder.embed_tokens.weight, model.model.embed_tokens.weight)
     assert tokenizer.pad_token is not None
+
+    # The tokenizer is the byte-level BPE the GGUF file holds: spaces and newlines are part of the next token
+    # (a SentencePiece reading turned each into <|endoftext|>), no BOS is added (add_bos_token is false in the
+    # file), and the special tokens are the file's: EOS and padding <|im_end|>, BOS <|im_start|>.
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer("The cat sat\nAnswer: Company")["input_ids"])
+    assert tokens == ["The", "\u0120cat", "\u0120sat", "\u010a", "Answer", ":", "\u0120Company"]
+    assert tokenizer.decode(tokenizer("The cat sat\nAnswer:")["input_ids"]) == "The cat sat\nAnswer:"
+    assert len(tokenizer(" Company", add_special_tokens=False)["input_ids"]) == 1
+    assert (tokenizer.eos_token, tokenizer.bos_token, tokenizer.unk_token) == ("<|im_end|>", "<|im_start|>", "<|endoftext|>")
+    assert model.config.eos_token_id == tokenizer.eos_token_id == 2
+
+
+def test_an_older_conversion_is_converted_again(tmp_path, monkeypatch):
+    """A cached folder without the current conversion mark (an older, wrong tokenizer) is not reused."""
+    monkeypatch.setenv("CONTINUAL_CACHE", str(tmp_path))
+    folder = tmp_path / "models" / "smollm2-135m-instruct"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")
+    assert not bb._conversion_current(folder)
+    (folder / bb._CONVERSION_MARK).write_text('{"version": 1}')
+    assert not bb._conversion_current(folder)
+    (folder / bb._CONVERSION_MARK).write_text('{"version": %d}' % bb.GGUF_CONVERSION_VERSION)
+    assert bb._conversion_current(folder)
+    assert bb.resolve_backbone("smollm2") == str(folder)  # current: used as it is, nothing converted
