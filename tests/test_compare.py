@@ -87,3 +87,10 @@ def test_bad_input_fails_before_any_cell_runs(grid, tmp_path):
     assert not (tmp_path / "outputs" / "tiny" / "cells").exists()
     with pytest.raises(ConfigError, match="runs: names must be unique"):
         grid([{"name": "a"}, {"name": "a"}])
+
+
+def test_overrides_the_cell_command_would_overwrite_are_refused(grid):
+    with pytest.raises(ConfigError, match=r"^set.1: stream.order is set for every cell .* the comparison's `orders`"):
+        grid([{"name": "ok"}], set=["training.epochs=1", "stream.order=2"])
+    with pytest.raises(ConfigError, match=r"^runs.0.overrides.0: tracking.enabled is set .* `tracking.enabled`"):
+        grid([{"name": "quiet", "overrides": ["tracking.enabled=false"]}])

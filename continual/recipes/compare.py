@@ -72,8 +72,38 @@ def load_compare_config(path: str | Path, overrides: Sequence[str] = ()) -> Dict
     for key in ("orders", "seeds"):
         if not cfg[key]:
             raise ConfigError(f"{key}: give at least one")
+    check_cell_keys("set", cfg.set)
+    for i, run in enumerate(cfg.runs):
+        check_cell_keys(f"runs.{i}.overrides", run.overrides)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+# Keys every cell's command line sets after `set` and the run's overrides (see plan_cells and cell_command), so an
+# override of one of them would be silently lost; each with where to say it instead.
+CELL_KEYS = {
+    "stream.order": "the comparison's `orders`",
+    "seed": "the comparison's `seeds`",
+    "tracking.enabled": "the comparison's `tracking.enabled`",
+    "tracking.uri": "the comparison's `tracking.uri`",
+    "tracking.output_dir": "the comparison's `output_dir`",
+    "tracking.experiment": "the comparison's `name`",
+    "tracking.run_name": "the run's `name` (each cell is named <run>-o<order>-s<seed>)",
+    "tracking.parent_run_id": "nothing: the comparison's MLflow run is every cell's parent",
+}
+
+
+def check_cell_keys(key: str, overrides: Sequence[str]) -> None:
+    """Refuse an override the cell command line would overwrite.
+
+    Raises:
+        ConfigError: naming the override's key path (e.g. ``set.1``) and where to set that value instead.
+    """
+    for i, override in enumerate(overrides):
+        name = override.split("=", 1)[0].strip()
+        if name in CELL_KEYS:
+            raise ConfigError(f"{key}.{i}: {name} is set for every cell by the comparison; use "
+                              f"{CELL_KEYS[name]} instead of {override!r}")
 
 
 # ---------------------------------------------------------------------------------------------------- cells
@@ -320,8 +350,20 @@ def published_block(path: Optional[str]) -> str:
     return ""
 
 
+def json_ready(value: Any) -> Any:
+    """``value`` with NaN (a metric no cell measured) as None, so that the file is strict JSON."""
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
 def save_compare(rows: List[Dict[str, Any]], cells: List[Cell], cfg: DictConfig, out: Path) -> List[Path]:
-    """compare.md, compare.csv, cells.json and the plots; returns the paths written."""
+    """compare.md, compare.csv, compare.json (the table's rows, each with its per-task final accuracies and curve),
+    cells.json and the plots; returns the paths written."""
     import csv
 
     from continual.report import plot_compare
@@ -337,10 +379,12 @@ def save_compare(rows: List[Dict[str, Any]], cells: List[Cell], cfg: DictConfig,
         writer.writerow(keys)
         for r in rows:
             writer.writerow([r[k] for k in keys])
+    (out / "compare.json").write_text(json.dumps(json_ready(
+        {"name": cfg.name, "orders": list(cfg.orders), "seeds": list(cfg.seeds), "rows": rows}), indent=2) + "\n")
     (out / "cells.json").write_text(json.dumps([
         {"id": c.id, "run": c.run, "order": c.order, "seed": c.seed, "status": c.status, "error": c.error,
          "folder": str(c.folder) if c.folder else None, "overrides": c.overrides} for c in cells], indent=2) + "\n")
-    return [out / "compare.md", out / "compare.csv", out / "cells.json"] + plot_compare(rows, out)
+    return [out / "compare.md", out / "compare.csv", out / "compare.json", out / "cells.json"] + plot_compare(rows, out)
 
 
 # ---------------------------------------------------------------------------------------------------- recipe
