@@ -1,7 +1,7 @@
 """Peak training memory of every delta kind against full fine-tuning on the same backbone (Ding et al. 2023 report
 that delta tuning saves up to 3/4 of GPU memory at small batches and at least 1/3 at large ones).
 
-    python -m benchmarks.delta_memory --backbone minilm --batch 32 --length 128 --device auto
+    python -m benchmarks.delta_memory --backbone minilm --batch 32 --length 128 --device auto --json delta_memory.json
 
 Every kind registered in ``continual.modules.DELTA_KINDS`` when the script runs is measured with its default targets
 and the delta strategy's default options, plus full fine-tuning; each configuration runs in a fresh subprocess so
@@ -32,6 +32,7 @@ from typing import Dict, List, Sequence
 import torch
 
 
+from benchmarks._output import add_json_argument, write_json
 from benchmarks.delta_speed import parse_overrides  # same --override syntax
 
 FULL = "full_finetune"
@@ -50,6 +51,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kinds", default="", help="comma-separated subset of the registered kinds (default: all)")
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--seed", type=int, default=0)
+    add_json_argument(parser)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one configuration, in a subprocess
     args = parser.parse_args(argv)
     for name in ("batch", "length", "steps"):
@@ -185,26 +187,49 @@ def run_worker(config: str, argv: Sequence[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def format_table(results: List[dict]) -> List[str]:
+def table_rows(results: List[dict]) -> List[dict]:
+    """One row per configuration: its memory in MB and its ratios to full fine-tuning (None without a full FT row)."""
     mb = 2.0**20
     full = next((r for r in results if r["config"] == FULL and "error" not in r), None)
+
+    def ratio(a: float, b: float):
+        return a / b if full and b > 0 else None
+
+    rows = []
+    for r in results:
+        if "error" in r:
+            rows.append({"kind": r["config"], "error": r["error"]})
+            continue
+        training = r["peak"] - r["loaded"]
+        rows.append({
+            "kind": r["config"],
+            "trainable": r["trainable"],
+            "loaded_MB": r["loaded"] / mb,
+            "peak_MB": r["peak"] / mb,
+            "training_MB": training / mb,
+            "peak_over_full": ratio(r["peak"], full["peak"]) if full else None,
+            "training_over_full": ratio(training, full["peak"] - full["loaded"]) if full else None,
+        })
+    return rows
+
+
+def format_table(table: List[dict]) -> List[str]:
     header = ["kind", "trainable params", "loaded MB", "peak MB", "training MB", "peak / full FT", "training / full FT"]
     rows = [header]
-    for r in results:
-        name = "full fine-tuning" if r["config"] == FULL else r["config"]
+    for r in table:
+        name = "full fine-tuning" if r["kind"] == FULL else r["kind"]
         if "error" in r:
             rows.append([name, "failed (below)", "", "", "", "", ""])
             continue
-        training = r["peak"] - r["loaded"]
-        ratio = lambda a, b: f"{a / b:.3f}" if full and b > 0 else "-"  # noqa: E731
+        ratio = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
         rows.append([
             name,
             f"{r['trainable']:,}",
-            f"{r['loaded'] / mb:.1f}",
-            f"{r['peak'] / mb:.1f}",
-            f"{training / mb:.1f}",
-            ratio(r["peak"], full["peak"]) if full else "-",
-            ratio(training, full["peak"] - full["loaded"]) if full else "-",
+            f"{r['loaded_MB']:.1f}",
+            f"{r['peak_MB']:.1f}",
+            f"{r['training_MB']:.1f}",
+            ratio(r["peak_over_full"]),
+            ratio(r["training_over_full"]),
         ])
     widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
     return ["  ".join([row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])]).rstrip()
@@ -237,14 +262,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     for config in tqdm([FULL] + kinds, desc="configurations", unit="run", leave=False, file=sys.stderr):
         results.append(run_worker(config, argv))
     method = next((r["method"] for r in results if "method" in r), "none succeeded")
-    print(f"backbone={args.backbone}{' (random init)' if args.random_init else ''} device={resolve_device(args.device)} "
+    device, seconds = resolve_device(args.device), time.perf_counter() - start
+    print(f"backbone={args.backbone}{' (random init)' if args.random_init else ''} device={device} "
           f"batch={args.batch}x{args.length} steps={args.steps} (forward + backward + AdamW step), "
-          f"one fresh subprocess per row, {time.perf_counter() - start:.0f} s")
+          f"one fresh subprocess per row, {seconds:.0f} s")
     print(f"memory measured with: {method}; training MB = peak - loaded (model, optimizer object, batch in place)")
-    print("\n".join(format_table(results)))
+    table = table_rows(results)
+    print("\n".join(format_table(table)))
     for r in results:
         if "error" in r:
             print(f"{r['config']} failed: {r['error']}")
+    write_json(args.json, args, table, device=device, method=method, seconds=seconds)
     if any("error" in r for r in results):
         sys.exit(1)
 

@@ -1,6 +1,7 @@
 """Speed of per-task LoRA in the module bank against PEFT, measured side by side in one process.
 
-    python -m benchmarks.delta_speed --backbone minilm --batch 50 --length 64 --steps 20 --device auto
+    python -m benchmarks.delta_speed --backbone minilm --batch 50 --length 64 --steps 20 --device auto \
+        --json delta_speed.json
 
 Three measurements, each a ratio of two timings taken in the same run (rounds alternate between the two sides so
 that machine noise hits both alike; medians over ``--repeats`` rounds after ``--warmup`` discarded rounds of
@@ -37,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks._output import add_json_argument, write_json
+
 
 N_CLASSES = 4  # labels per synthetic task
 TARGET = 1.05  # the issue's bound on our overheads
@@ -61,6 +64,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=16.0)
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--seed", type=int, default=0)
+    add_json_argument(parser)
     args = parser.parse_args(argv)
     args.inference_tasks = sorted({int(t) for t in args.inference_tasks.split(",")})
     for name in ("batch", "length", "steps", "repeats", "tasks", "mixed_train_tasks", "rank"):
@@ -405,16 +409,33 @@ def mixed_training_section(args, backbone, batches, device) -> Tuple[List[tuple]
 
 
 # ---------------------------------------------------------------------------------------------------- main
+def target_cell(ratio: float, target) -> str:
+    """The target column: a bound and whether the ratio meets it (``target`` a float), or a note as given."""
+    if not isinstance(target, float):
+        return str(target)
+    if target == 1.0:
+        return f"< 1.00 {'ok' if ratio < 1.0 else 'MISSED'}"
+    return f"<= {target:.2f} {'ok' if ratio <= target else 'MISSED'}"
+
+
+def row_dicts(rows: List[tuple]) -> List[dict]:
+    """The table as data: every row names its section; ``ms`` and ``ratio`` are None where the table shows "-"."""
+    out, section = [], ""
+    for part, what, seconds, ratio, of, target in rows:
+        section = part or section
+        out.append({"section": section, "measurement": what,
+                    "ms": None if seconds != seconds else 1000 * seconds,
+                    "ratio": None if ratio != ratio else ratio, "ratio_of": of, "target": target_cell(ratio, target)})
+    return out
+
+
 def format_rows(rows: List[tuple]) -> List[str]:
     header = ("section", "measurement", "ms", "ratio", "ratio of", "target")
     cells = [header]
     for section, what, seconds, ratio, of, target in rows:
-        if isinstance(target, float):
-            verdict = "ok" if ratio <= target else "MISSED"
-            target = f"<= {target:.2f} {verdict}" if target != 1.0 else f"< 1.00 {'ok' if ratio < 1.0 else 'MISSED'}"
         ms = "-" if seconds != seconds else f"{1000 * seconds:.2f}"
         r = "-" if ratio != ratio else f"{ratio:.3f}"
-        cells.append((section, what, ms, r, of, str(target)))
+        cells.append((section, what, ms, r, of, target_cell(ratio, target)))
     widths = [max(len(str(row[c])) for row in cells) for c in range(len(header))]
     lines = []
     for row in cells:
@@ -454,6 +475,8 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{args.inference_tasks[-1]}: {agreement:.2e}")
     print("\n".join(format_rows(rows)))
     print(f"note: {peft_note}")
+    write_json(args.json, args, row_dicts(rows), device=device, backbone=name, threads=torch.get_num_threads(),
+               torch=torch.__version__, peft=peft.__version__, max_abs_diff_ours_peft=agreement, note=peft_note)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Prune unused experts after a stream: per-task routing usage, parameters removed, accuracy before and after
 (ModuleFormer, Shen et al. 2023: experts a deployed task does not use can be removed).
 
-    python -m benchmarks.experts_pruning configs/experts/order1.yaml --thresholds 0.01 0.05 --device auto
+    python -m benchmarks.experts_pruning configs/experts/order1.yaml --thresholds 0.01 0.05 --device auto \
+        --json experts_pruning.json
 
 1. The preset runs through ``continual.recipes.run.run_experiment`` with per-task checkpoints (or ``--checkpoints DIR``
    reuses those of a finished run of the same preset and overrides).
@@ -11,9 +12,10 @@
    are removed (``continual.modules.experts.prune_unused``; each deployed task keeps at least ``k - S`` of its own),
    and every deployed task's test split is evaluated again.
 
-Printed (and written to ``--out`` as ``experts_pruning.md`` and ``.json``): each task's routing (share of choices
-going to the shared FFN, to its own experts and to other tasks' experts, averaged over sites), then per threshold the
-experts and parameters removed and the accuracy per task before and after pruning.
+Printed (and written to ``--out`` as ``experts_pruning.md``): each task's routing (share of choices going to the
+shared FFN, to its own experts and to other tasks' experts, averaged over sites), then per threshold the experts and
+parameters removed and the accuracy per task before and after pruning. ``--json`` (default
+``<--out>/experts_pruning.json``) holds one row per threshold, with the routing and the run's figures beside them.
 
 This prunes once, after the stream, by every deployed task's usage on the final model. To prune during the run,
 after each task, set ``strategy.prune_threshold`` (``--set strategy.prune_threshold=0.05``); the checkpoints of such
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import sys
 import time
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 import torch
+
+from benchmarks._output import add_json_argument, write_json
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -51,7 +54,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="config overrides, e.g. --set stream.order=2 strategy.task_conditioned=true")
     parser.add_argument("--out", default="outputs/experts_pruning", help="folder for the report and checkpoints")
-    return parser.parse_args(argv)
+    add_json_argument(parser)
+    args = parser.parse_args(argv)
+    args.json = args.json or str(Path(args.out) / "experts_pruning.json")
+    return args
 
 
 def overrides_from(args: argparse.Namespace, checkpoint_dir: Path) -> List[str]:
@@ -190,14 +196,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             "parameters_removed": result.parameters_removed,
             "stored_parameters": strategy.stored_parameters(pruned, stream.task_infos),
             "accuracy_after": {names[t]: after[t] for t in deploy},
+            "mean_accuracy_before": sum(before.values()) / len(before),
+            "mean_accuracy_after": sum(after.values()) / len(after),
         })
     report["wall_time_s"] = time.perf_counter() - start
 
     lines = format_report(report)
     print("\n".join(lines))
     (out / "experts_pruning.md").write_text("\n".join(lines) + "\n")
-    (out / "experts_pruning.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"written: {out / 'experts_pruning.md'}, {out / 'experts_pruning.json'}")
+    print(f"written: {out / 'experts_pruning.md'}")
+    extra = {key: value for key, value in report.items() if key not in ("device", "thresholds")}
+    write_json(args.json, args, report["thresholds"], device=device, **extra)
     return 0
 
 
@@ -233,13 +242,12 @@ def format_report(report: dict) -> List[str]:
               + " | ".join(f"{t} % before/after" for t in tasks) + " | mean before/after |",
               "|---:|---:|---:|---:|" + "---:|" * (len(tasks) + 1)]
     before = report["accuracy_before"]
-    mean_before = sum(before.values()) / len(before)
     for row in report["thresholds"]:
         after = row["accuracy_after"]
         cells = [f"{_pct(before[t])} / {_pct(after[t])}" for t in tasks]
-        mean_after = sum(after.values()) / len(after)
+        means = f"{_pct(row['mean_accuracy_before'])} / {_pct(row['mean_accuracy_after'])}"
         lines.append(f"| {row['threshold']:g} | {row['experts_removed']} | {row['parameters_removed']:,} | "
-                     f"{row['stored_parameters']:,} | " + " | ".join(cells) + f" | {_pct(mean_before)} / {_pct(mean_after)} |")
+                     f"{row['stored_parameters']:,} | " + " | ".join(cells) + f" | {means} |")
     if "run_final_row" in report:
         lines += ["", "accuracy after the stream as the run measured it (the rebuilt model must agree): "
                   + ", ".join(f"{t} {_pct(v)}" for t, v in report["run_final_row"].items())]

@@ -1,10 +1,12 @@
 """Zero-shot accuracy of label-word classification (nothing trained): how well a causal LM names each task's labels
 after the prompt, with the task's labels competing ("task") and with every label of the stream competing ("seen").
 
-    python -m benchmarks.label_words_zero_shot --backbone smollm2 --test-per-task 100 --threads 1
+    python -m benchmarks.label_words_zero_shot --backbone smollm2 --test-per-task 100 --threads 1 \
+        --json label_words_zero_shot.json
 
 Uses the stream and label-word settings of a preset (``configs/peers/olora.yaml`` by default, standard order 1) and
-evaluates its test split once per label space, in batches of ``--batch``; prints one accuracy per task and the mean.
+evaluates its test split once per label space, in batches of ``--batch``; prints one accuracy per task and the mean
+(one row per label space; ``--json`` writes the rows with the settings).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import argparse
 import time
 
 import torch
+
+from benchmarks._output import add_json_argument, write_json
 
 
 def main(argv=None) -> None:
@@ -23,6 +27,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    add_json_argument(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -36,6 +41,7 @@ def main(argv=None) -> None:
     lm, tokenizer = load_causal_lm(cfg.backbone.name)
     stream = build_stream(cfg.stream, tokenizer, progress=False)
     names = [t.name for t in stream.task_infos]
+    rows = []
     for space in ("task", "seen"):
         model = build_label_word_classifier(
             lm, tokenizer, names, [t.labels for t in stream.task_infos], name=cfg.backbone.name, label_space=space,
@@ -54,9 +60,12 @@ def main(argv=None) -> None:
                     gold = torch.full((x.shape[0],), task.info.index, device=args.device)
                     right += int((model(x, gold).argmax(1).cpu() == labels[start:start + args.batch]).sum())
             accs.append(100.0 * right / len(labels))
-        row = "  ".join(f"{n} {a:5.1f}" for n, a in zip(names, accs))
-        print(f"{cfg.backbone.name} label_space={space}: {row}  mean {sum(accs) / len(accs):5.2f}  "
-              f"({time.perf_counter() - started:.0f} s)", flush=True)
+        rows.append({"backbone": cfg.backbone.name, "label_space": space, "accuracy": dict(zip(names, accs)),
+                     "mean": sum(accs) / len(accs), "seconds": time.perf_counter() - started})
+        shown = "  ".join(f"{n} {a:5.1f}" for n, a in zip(names, accs))
+        print(f"{cfg.backbone.name} label_space={space}: {shown}  mean {rows[-1]['mean']:5.2f}  "
+              f"({rows[-1]['seconds']:.0f} s)", flush=True)
+    write_json(args.json, args, rows, device=args.device, preset=args.preset)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Training speed of the Avalanche learner vs a hand-written PyTorch loop, same model, data and batches.
 
-    python -m benchmarks.learner_overhead --backbone minilm --batches 20 --batch-size 16 --max-length 64
+    python -m benchmarks.learner_overhead --backbone minilm --batches 20 --batch-size 16 --max-length 64 \
+        --json learner_overhead.json
 
 Both sides fine-tune the same backbone (full fine-tuning, AdamW) on the same pre-tokenized batches of one real task,
 alternating the two measurements so machine noise hits both alike. Prints samples/s of each and their ratio
@@ -14,11 +15,14 @@ import copy
 import os
 import statistics
 import time
+from typing import Sequence
 
 import torch
 
+from benchmarks._output import add_json_argument, write_json
 
-def main() -> None:
+
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="minilm")
     parser.add_argument("--task", default="agnews")
@@ -27,7 +31,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--data-root", default=os.environ.get("CONTINUAL_DATA"))
-    args = parser.parse_args()
+    add_json_argument(parser)
+    args = parser.parse_args(argv)
 
     from continual.learner import ContinualLearner
     from continual.models.backbone import load_backbone
@@ -83,12 +88,16 @@ def main() -> None:
         raw_times.append(raw_run())
         learner_times.append(learner_run())
     raw, ours = statistics.median(raw_times), statistics.median(learner_times)
+    rows = [{"loop": "raw PyTorch", "seconds": raw, "samples_per_s": len(y) / raw},
+            {"loop": "continual learner", "seconds": ours, "samples_per_s": len(y) / ours}]
     print(f"backbone={args.backbone} task={args.task} samples={len(y)} batch={args.batch_size}x{args.max_length} "
           f"threads={torch.get_num_threads()} repeats={args.repeats} (median)")
     print(f"{'loop':<22}{'seconds':>10}{'samples/s':>12}")
-    print(f"{'raw PyTorch':<22}{raw:>10.2f}{len(y) / raw:>12.1f}")
-    print(f"{'continual learner':<22}{ours:>10.2f}{len(y) / ours:>12.1f}")
+    for row in rows:
+        print(f"{row['loop']:<22}{row['seconds']:>10.2f}{row['samples_per_s']:>12.1f}")
     print(f"ratio learner/raw: {ours / raw:.3f}")
+    write_json(args.json, args, rows, device="cpu", samples=len(y), threads=torch.get_num_threads(),
+               ratio_learner_over_raw=ours / raw)
 
 
 if __name__ == "__main__":

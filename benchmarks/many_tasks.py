@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import warnings
-from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
 import torch
 
+from benchmarks._output import add_json_argument, write_json
 from benchmarks.delta_speed import (  # one home for the timing helpers and the PEFT LoRA setup
     N_CLASSES,
     alternate,
@@ -69,7 +68,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None, help="also write the table and the settings to this JSON file")
+    add_json_argument(parser)
     args = parser.parse_args(argv)
     args.tasks = sorted({int(k) for k in args.tasks.split(",")})
     args.kinds = [k for k in args.kinds.split(",") if k]
@@ -298,10 +297,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.peft_max < max(args.tasks):
         print(f"note: PEFT is timed up to K={args.peft_max} adapters (--peft-max); it keeps each adapter as its own "
               "modules and loops over a batch's adapters")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"args": vars(args), "device": str(device), "rows": rows}, indent=2) + "\n")
-        print(f"written: {args.json}")
+    write_json(args.json, args, rows, device=device)
 
 
 if __name__ == "__main__":

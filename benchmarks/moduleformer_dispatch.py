@@ -1,6 +1,7 @@
 """Cost of the ModuleFormer expert layer as the number of experts grows at fixed k, tokens and width.
 
-    python -m benchmarks.moduleformer_dispatch --device auto --tokens 8192 --d-model 512 --hidden 1024 --backward
+    python -m benchmarks.moduleformer_dispatch --device auto --tokens 8192 --d-model 512 --hidden 1024 --backward \
+        --json moduleformer_dispatch.json
 
 Each ``ExpertLayer`` (E experts, top-k, MLP gate) processes the same ``--tokens`` tokens of width ``--d-model``; every
 expert has the same hidden width, so the matmul work per token is the same for every E (k experts per token) and only
@@ -15,18 +16,20 @@ import argparse
 import statistics
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Sequence
 
 import torch
 from tqdm import tqdm
 
 
+from benchmarks._output import add_json_argument, write_json
 from continual.models.moduleformer.experts import DISPATCH_BACKENDS, ExpertLayer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TARGET = 1.25  # ModuleFormer's claim, as a bound on time(E = largest) / time(E = smallest)
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
@@ -43,7 +46,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: leave torch's default)")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+    add_json_argument(parser)
+    return parser.parse_args(argv)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -78,8 +82,8 @@ def timed(step: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if args.threads:
@@ -113,15 +117,21 @@ def main() -> None:
           f"k {args.k}, median of {args.repeats} (warm-up {args.warmup})")
     base = statistics.median(times[counts[0]])
     print(f"{'E':>4} {'k':>2} {'median ms':>10} {'ratio':>6} {'busiest expert share':>21}")
+    rows = []
     for E in counts:
         median = statistics.median(times[E])
         with torch.no_grad():
             layers[E](x.detach())
         load = torch.bincount(layers[E].last_routing.indices.flatten(), minlength=E).float()
-        print(f"{E:>4} {args.k:>2} {median * 1e3:>10.3f} {median / base:>6.2f} {float(load.max() / load.sum()):>21.3f}")
+        rows.append({"E": E, "k": args.k, "median_ms": median * 1e3, "ratio": median / base,
+                     "busiest_expert_share": float(load.max() / load.sum())})
+        print(f"{E:>4} {args.k:>2} {rows[-1]['median_ms']:>10.3f} {rows[-1]['ratio']:>6.2f} "
+              f"{rows[-1]['busiest_expert_share']:>21.3f}")
     ratio = statistics.median(times[counts[-1]]) / base
-    verdict = "meets" if ratio <= 1.25 else "misses"
-    print(f"ratio E={counts[-1]} / E={counts[0]} at k={args.k}: {ratio:.3f} ({verdict} the target <= 1.25)")
+    verdict = "meets" if ratio <= TARGET else "misses"
+    print(f"ratio E={counts[-1]} / E={counts[0]} at k={args.k}: {ratio:.3f} ({verdict} the target <= {TARGET})")
+    write_json(args.json, args, rows, device=name, dtype=str(dtype), torch=torch.__version__,
+               ratio_largest_over_smallest=ratio, target=TARGET, meets_target=ratio <= TARGET)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Held-back perplexity of a causal LM, its plain recursive conversions and its relaxed (SVD-LoRA) ones, before and
 after a short uptraining, side by side (Relaxed Recursive Transformers, Bae et al. 2024, arXiv 2410.20672).
 
-    python -m benchmarks.recursive_perplexity --model smollm2 --loops 2 --uptrain-steps 200 --device cuda
+    python -m benchmarks.recursive_perplexity --model smollm2 --loops 2 --uptrain-steps 200 --device cuda \
+        --json recursive_perplexity.json
 
 Rows: the original model (and the original uptrained the same way: the text is CL_Benchmark sentences, so part of
 any gain is domain adaptation, which this row measures), the plain recursive model for each ``--inits``, and the
@@ -21,12 +22,14 @@ import copy
 import json
 import os
 import time
-from pathlib import Path
+from typing import Sequence
 
 import torch
 
+from benchmarks._output import add_json_argument, write_json
 
-def main() -> None:
+
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", help="causal LM short name, folder or Hub id")
     parser.add_argument("--random-init", action="store_true", help="random weights (smoke runs)")
@@ -49,9 +52,9 @@ def main() -> None:
     parser.add_argument("--eval-batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:0 or auto")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=None, help="write the rows as JSON here")
+    add_json_argument(parser)
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from continual.models.backbone import load_causal_lm
     from continual.models.recursive import convert_to_recursive, parameter_breakdown
@@ -104,9 +107,7 @@ def main() -> None:
     for row in rows:
         after = f"{row['ppl_after']:.2f}" if row["ppl_after"] is not None else "-"
         print(f"{row['model']:28s} {row['parameters']:>13,} {row['relaxation']:>13,} {row['ppl_before']:>11.2f} {after:>10s}")
-    if args.output:
-        Path(args.output).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
-        print(f"rows written to {args.output}")
+    write_json(args.json, args, rows, device=device)
 
 
 if __name__ == "__main__":

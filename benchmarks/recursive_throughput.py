@@ -1,7 +1,8 @@
 """Throughput of early exit with continuous depth-wise batching vs the unconverted model, on the same inputs
 (Relaxed Recursive Transformers, Bae et al. 2024, arXiv 2410.20672, section 4).
 
-    python -m benchmarks.recursive_throughput --model smollm2 --loops 2 --rank 32 --thresholds 0.3,0.5,0.8 --device cuda
+    python -m benchmarks.recursive_throughput --model smollm2 --loops 2 --rank 32 --thresholds 0.3,0.5,0.8 \
+        --device cuda --json recursive_throughput.json
 
 The task is next-token prediction at the end of held-back CL_Benchmark text (each sample: ``--seq-len`` tokens,
 scored at its last position). Rows:
@@ -30,9 +31,11 @@ import json
 import os
 import statistics
 import time
-from pathlib import Path
+from typing import Sequence
 
 import torch
+
+from benchmarks._output import add_json_argument, write_json
 
 
 def timed(fn, device: torch.device, repeats: int):
@@ -50,7 +53,7 @@ def timed(fn, device: torch.device, repeats: int):
     return out, statistics.median(times)
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2", help="causal LM short name, folder or Hub id")
     parser.add_argument("--random-init", action="store_true")
@@ -70,8 +73,8 @@ def main() -> None:
     parser.add_argument("--max-sentences", type=int, default=None)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default=None, help="write the rows as JSON here")
-    args = parser.parse_args()
+    add_json_argument(parser)
+    args = parser.parse_args(argv)
 
     from continual.models.backbone import load_causal_lm
     from continual.models.recursive import convert_to_recursive, depthwise_early_exit, load_recursive, parameter_breakdown
@@ -134,9 +137,7 @@ def main() -> None:
         print(f"{row['run']:22s} {row['parameters']:>12,} {row['samples_per_s']:>10.1f} {row['speedup']:>8.2f}x "
               f"{fmt(row['mean_loops'], '6.2f')} {fmt(row['mixed_calls'], '6.2f')} {row['agree_unconverted']:>8.3f} "
               f"{fmt(row['agree_full_depth'], '6.3f')}")
-    if args.output:
-        Path(args.output).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
-        print(f"rows written to {args.output}")
+    write_json(args.json, args, rows, device=device, samples=n)
 
 
 if __name__ == "__main__":

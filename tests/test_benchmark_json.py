@@ -1,0 +1,91 @@
+"""Every benchmark can write its printed table as JSON (``--json PATH``: ``{"args", "device", "rows", ...}``), so a
+figure quoted in the README can be re-read and compared later; the scripts that run in seconds on tiny settings do."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks._output import add_json_argument, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = sorted(path.stem for path in (ROOT / "benchmarks").glob("*.py") if not path.name.startswith("_"))
+
+# A 2-layer, 32-wide SmolLM2 with random weights: the recursive benchmarks' smoke settings, made smaller.
+TINY_LM = ["--random-init", "--config-overrides", json.dumps({
+    "num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+    "num_key_value_heads": 1})]
+
+
+def run_benchmark(name: str, *args: str) -> subprocess.CompletedProcess:
+    """The script as a user runs it (a subprocess: its torch thread settings stay out of this session)."""
+    return subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_benchmarks_are_found():
+    assert {"many_tasks", "delta_speed", "recursive_throughput"} <= set(BENCHMARKS)
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_every_benchmark_offers_json(name, monkeypatch, capsys):
+    """``--help`` lists ``--json`` (parsed before any model or data is loaded)."""
+    module = importlib.import_module(f"benchmarks.{name}")
+    monkeypatch.setattr(sys, "argv", [f"benchmarks.{name}", "--help"])  # mains with and without an argv parameter
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert exit_info.value.code in (0, None)
+    assert "--json" in capsys.readouterr().out
+
+
+def test_write_json_creates_folders_and_keeps_the_shape(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_json_argument(parser)
+    parser.add_argument("--steps", type=int, default=3)
+    path = tmp_path / "deep" / "er" / "table.json"
+    args = parser.parse_args(["--json", str(path)])
+    rows = [{"kind": "lora", "ms": 1.5}, {"kind": "full", "ms": None}]
+    write_json(args.json, args, rows, device="cpu", folder=tmp_path)
+    assert capsys.readouterr().out.strip() == f"written: {path}"
+    saved = json.loads(path.read_text())
+    assert saved == {"args": {"json": str(path), "steps": 3}, "device": "cpu", "rows": rows, "folder": str(tmp_path)}
+
+    write_json(None, args, rows, device="cpu")  # no --json: nothing written, nothing said
+    assert capsys.readouterr().out == ""
+
+
+def test_moduleformer_dispatch_writes_its_rows(tmp_path):
+    path = tmp_path / "out" / "dispatch.json"
+    done = run_benchmark("moduleformer_dispatch", "--device", "cpu", "--tokens", "64", "--d-model", "16", "--hidden",
+                         "16", "--gate-hidden", "8", "--experts", "2,4", "--repeats", "2", "--warmup", "1",
+                         "--threads", "1", "--json", str(path))
+    assert done.returncode == 0, done.stderr
+    assert f"written: {path}" in done.stdout
+    saved = json.loads(path.read_text())
+    assert saved["args"]["experts"] == "2,4" and saved["device"].startswith("cpu")
+    assert [(row["E"], row["k"]) for row in saved["rows"]] == [(2, 2), (4, 2)]
+    assert saved["rows"][0]["ratio"] == 1.0
+    assert saved["ratio_largest_over_smallest"] == saved["rows"][-1]["ratio"]
+    printed = [line.split() for line in done.stdout.splitlines() if line.split()[:2] in (["2", "2"], ["4", "2"])]
+    assert [f"{row['median_ms']:.3f}" for row in saved["rows"]] == [cells[2] for cells in printed]
+
+
+@pytest.mark.slow
+def test_recursive_throughput_writes_its_rows(tmp_path, cl_root):
+    path = tmp_path / "out" / "throughput.json"
+    done = run_benchmark("recursive_throughput", *TINY_LM, "--rank", "4", "--samples", "8", "--seq-len", "16",
+                         "--slots", "4", "--thresholds", "0.00003", "--max-sentences", "50", "--tasks", "agnews",
+                         "--repeats", "1", "--device", "cpu", "--data-root", str(cl_root), "--json", str(path))
+    assert done.returncode == 0, done.stderr
+    assert f"written: {path}" in done.stdout
+    saved = json.loads(path.read_text())
+    assert saved["device"] == "cpu" and saved["samples"] == 8 and saved["args"]["rank"] == 4
+    assert [row["run"] for row in saved["rows"]] == ["unconverted", "recursive, no exit", "early exit 3e-05"]
+    for row in saved["rows"]:
+        assert {"parameters", "samples_per_s", "speedup", "mean_loops", "agree_unconverted"} <= set(row)
+        assert f"{row['parameters']:,}" in done.stdout
