@@ -29,14 +29,14 @@ This is the ``delta`` strategy with one kind (LoRA) and simultaneous composition
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from continual.config import StrategyConfig
-from continual.expansion import BaseStrategy, TaskInfo
-from strategies.delta import DeltaStrategy
+from continual.expansion import TaskInfo
+from strategies.delta import PenalizedLoRA
 
 PENALTIES = ("sparsity", "collision")
 
@@ -71,7 +71,7 @@ def collision_loss(earlier: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return (earlier * new).abs().sum()
 
 
-class NLoRA(BaseStrategy):
+class NLoRA(PenalizedLoRA):
     """Per task a new LoRA (earlier ones frozen, all acting together), trained with an l1 penalty on its update."""
 
     name = "nlora"
@@ -89,22 +89,8 @@ class NLoRA(BaseStrategy):
             raise ValueError(f"strategy.lambda_l1 must be >= 0, got {lambda_l1}")
         if penalty not in PENALTIES:
             raise ValueError(f"strategy.penalty must be one of {list(PENALTIES)}, got {penalty!r}")
-        self.deltas = DeltaStrategy(kinds=["lora"], composition="simultaneous", targets=targets, rank=rank, alpha=alpha)
+        super().__init__(rank, alpha, targets)
         self.lambda_l1, self.penalty = float(lambda_l1), penalty
-
-    def setup(self, model: nn.Module, tasks: Sequence[TaskInfo]) -> None:
-        super().setup(model, tasks)
-        self.deltas.setup(model, tasks)
-
-    def before_task(self, model: nn.Module, task: TaskInfo) -> None:
-        self.deltas.before_task(model, task)
-
-    def trainable_parameters(self, model: nn.Module, task: TaskInfo) -> List[nn.Parameter]:
-        """The new task's LoRA at every site (and its head, when the model has per-task heads)."""
-        return self.deltas.trainable_parameters(model, task)
-
-    def after_task(self, model: nn.Module, task: TaskInfo) -> None:
-        self.deltas.after_task(model, task)
 
     def auxiliary_loss(self, model: nn.Module, task: TaskInfo) -> Optional[torch.Tensor]:
         """``lambda_l1`` times the penalty summed over the LoRA sites (None when it is 0 by construction)."""
@@ -112,10 +98,7 @@ class NLoRA(BaseStrategy):
         if self.lambda_l1 == 0 or (self.penalty == "collision" and t == 0):
             return None
         loss = None
-        for site in model.bank.sites().values():
-            delta = site.delta
-            if delta.kind != "lora":
-                continue
+        for delta in self.lora_sites(model):
             slot = delta.slot_parameters(t)
             new = lora_update(slot["lora_A"], slot["lora_B"], delta.scale)
             if self.penalty == "sparsity":
@@ -129,13 +112,3 @@ class NLoRA(BaseStrategy):
                 term = collision_loss(earlier, new)
             loss = term if loss is None else loss + term
         return None if loss is None else self.lambda_l1 * loss
-
-    def task_state(self, model: nn.Module, task: TaskInfo) -> Dict[str, torch.Tensor]:
-        return self.deltas.task_state(model, task)
-
-    def load_task_state(self, model: nn.Module, task: TaskInfo, state: Dict[str, torch.Tensor]) -> None:
-        self.deltas.load_task_state(model, task, state)
-
-    def stored_parameters(self, model: nn.Module, tasks_so_far: Sequence[TaskInfo]) -> int:
-        """The frozen backbone and every task's LoRA so far (and heads, when there are any)."""
-        return self.deltas.stored_parameters(model, tasks_so_far)

@@ -20,14 +20,14 @@ parameter accounting are its), plus the penalty through the ``auxiliary_loss`` h
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from continual.config import StrategyConfig
-from continual.expansion import BaseStrategy, TaskInfo
-from strategies.delta import DeltaStrategy
+from continual.expansion import TaskInfo
+from strategies.delta import PenalizedLoRA
 
 ORTH_NORMS = ("squared", "abs")
 
@@ -63,7 +63,7 @@ def orthogonality_loss(earlier: torch.Tensor, new: torch.Tensor, norm: str = "sq
     return overlap.pow(2).sum() if norm == "squared" else overlap.abs().sum()
 
 
-class OLoRA(BaseStrategy):
+class OLoRA(PenalizedLoRA):
     """Per task a new LoRA (earlier ones frozen, all acting together), kept orthogonal to the earlier ones."""
 
     name = "olora"
@@ -83,22 +83,8 @@ class OLoRA(BaseStrategy):
                 raise ValueError(f"strategy.{key} must be >= 0, got {value}")
         if orth_norm not in ORTH_NORMS:
             raise ValueError(f"strategy.orth_norm must be one of {list(ORTH_NORMS)}, got {orth_norm!r}")
-        self.deltas = DeltaStrategy(kinds=["lora"], composition="simultaneous", targets=targets, rank=rank, alpha=alpha)
+        super().__init__(rank, alpha, targets)
         self.lambda_orth, self.lambda_l2, self.orth_norm = float(lambda_orth), float(lambda_l2), orth_norm
-
-    def setup(self, model: nn.Module, tasks: Sequence[TaskInfo]) -> None:
-        super().setup(model, tasks)
-        self.deltas.setup(model, tasks)
-
-    def before_task(self, model: nn.Module, task: TaskInfo) -> None:
-        self.deltas.before_task(model, task)
-
-    def trainable_parameters(self, model: nn.Module, task: TaskInfo) -> List[nn.Parameter]:
-        """The new task's LoRA at every site (and its head, when the model has per-task heads)."""
-        return self.deltas.trainable_parameters(model, task)
-
-    def after_task(self, model: nn.Module, task: TaskInfo) -> None:
-        self.deltas.after_task(model, task)
 
     def auxiliary_loss(self, model: nn.Module, task: TaskInfo) -> Optional[torch.Tensor]:
         """``lambda_orth * L_orth + lambda_l2 * ||theta_t||^2`` summed over the LoRA sites (None when it is 0 by
@@ -108,25 +94,13 @@ class OLoRA(BaseStrategy):
         if not orth and self.lambda_l2 == 0:
             return None
         loss = None
-        for site in model.bank.sites().values():
-            if site.delta.kind != "lora":
-                continue
-            new = site.delta.slot_parameters(t)
+        for delta in self.lora_sites(model):
+            new = delta.slot_parameters(t)
             term = 0.0
             if orth:
-                earlier = torch.stack([site.delta.slot_parameters(i)["lora_A"] for i in range(t)])
+                earlier = torch.stack([delta.slot_parameters(i)["lora_A"] for i in range(t)])
                 term = self.lambda_orth * orthogonality_loss(earlier, new["lora_A"], self.orth_norm)
             if self.lambda_l2:
                 term = term + self.lambda_l2 * (new["lora_A"].pow(2).sum() + new["lora_B"].pow(2).sum())
             loss = term if loss is None else loss + term
         return loss
-
-    def task_state(self, model: nn.Module, task: TaskInfo) -> Dict[str, torch.Tensor]:
-        return self.deltas.task_state(model, task)
-
-    def load_task_state(self, model: nn.Module, task: TaskInfo, state: Dict[str, torch.Tensor]) -> None:
-        self.deltas.load_task_state(model, task, state)
-
-    def stored_parameters(self, model: nn.Module, tasks_so_far: Sequence[TaskInfo]) -> int:
-        """The frozen backbone and every task's LoRA so far (and heads, when there are any)."""
-        return self.deltas.stored_parameters(model, tasks_so_far)
