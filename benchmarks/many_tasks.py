@@ -16,6 +16,13 @@ between the three, so machine noise hits all alike; medians over ``--repeats`` r
 dtype. A K point whose tasks would not fit in ``--memory-budget`` (default: 60% of the memory available) is skipped
 and says so.
 
+For the experts layer a floor is timed in the same rounds: the same experts' matrices multiplied by plain torch
+(each sample's tokens through its task's experts, one matmul per expert and role, no routing, gathering or gating),
+for the mixed batch and for the one-task batch. A mixed batch must read every one of its tasks' expert matrices
+(``--mix`` tasks x ``n`` experts, full FFN-sized matrices, against ``n`` for a one-task batch), so this difference is
+what any implementation pays on that device; "floor ratio" is ``(reference + floor mixed - floor one) / reference``,
+the ratio the layer would reach if routing and dispatch cost nothing.
+
 Reference: PEFT LoRA's mixed-batch inference (``model(..., adapter_names=[...])``) over the same sites, rank and
 alpha, with K adapters loaded, for K <= ``--peft-max`` only (PEFT keeps every adapter as its own modules and loops
 over the adapters of a batch; loading thousands is beyond what it is built for): its mixed batch against its own
@@ -151,6 +158,31 @@ class Grower:
         return (self.model.bank.parameter_count(0) + head) * size
 
 
+def bare_expert_rounds(model, tasks: torch.Tensor, length: int, device: torch.device) -> Callable[[], None]:
+    """A batch's expert matmuls in plain torch: sample ``i``'s ``length`` tokens through both roles of every expert
+    of its task's group, at every experts site, with the stored weights; nothing else (the floor of the layer)."""
+    from continual.modules.experts import group_of_slot
+    from continual.modules.experts.kind import ACTIVATIONS
+
+    sites = [site.delta for site in model.bank.sites().values() if site.delta.kind == "experts"]
+    d = sites[0].pool.d_model
+    order = torch.argsort(tasks.cpu(), stable=True)
+    groups, counts = torch.unique_consecutive(tasks.cpu()[order], return_counts=True)
+    plan = [(group_of_slot(int(g)), int(c) * length) for g, c in zip(groups, counts)]
+    x = torch.randn(int(tasks.numel()) * length, d, device=device)
+
+    def run() -> None:
+        for delta in sites:
+            pool, act, row = delta.pool, ACTIVATIONS[delta.activation], 0
+            for group, rows in plan:
+                xs = x[row:row + rows]
+                row += rows
+                w_in, w_out = pool.groups[group].weight("w_in"), pool.groups[group].weight("w_out")
+                for j in range(w_in.shape[0]):
+                    act(xs @ w_in[j]) @ w_out[j]
+    return run
+
+
 def spread(K: int, M: int, batch: int, device: torch.device) -> torch.Tensor:
     """``[batch]`` task of each sample: ``M`` tasks spread evenly over the ``K`` stored, sample ``i`` on the
     ``i % M``-th."""
@@ -183,12 +215,19 @@ def kind_section(args, kind: str, backbone, x: torch.Tensor, device: torch.devic
             "one": lambda: call_round(lambda: model(x, one), args.steps, device),
             "mixed": lambda: call_round(lambda: model(x, mixed), args.steps, device),
         }
+        if kind == "experts":
+            bare_one, bare_mixed = (bare_expert_rounds(model, t, x.shape[-1], device) for t in (one, mixed))
+            rounds["floor_one"] = lambda: call_round(bare_one, args.steps, device)
+            rounds["floor_mixed"] = lambda: call_round(bare_mixed, args.steps, device)
         with torch.inference_mode():
             res = alternate(rounds, args.warmup, args.repeats, f"{kind} K={K}")
         t = {name: median(v) for name, v in res.items()}
         row.update(tasks_mixed=int(mixed.unique().numel()), ref_ms=1000 * t["reference"], one_ms=1000 * t["one"],
                    mixed_ms=1000 * t["mixed"], one_ratio=t["one"] / t["reference"],
                    mixed_ratio=t["mixed"] / t["reference"])
+        if "floor_mixed" in t:
+            row.update(floor_one_ms=1000 * t["floor_one"], floor_mixed_ms=1000 * t["floor_mixed"],
+                       floor_ratio=(t["reference"] + t["floor_mixed"] - t["floor_one"]) / t["reference"])
         rows.append(row)
     del grower
     return rows
@@ -252,6 +291,9 @@ def format_rows(rows: List[dict], largest: int) -> List[str]:
                 f"; ours / PEFT {r['ours_over_peft']:.3f}" if "ours_over_peft" in r else "")
         elif "mixed_ratio" in r and r["K"] == largest:
             note = f"target <= {TARGET:.2f}: {'ok' if r['mixed_ratio'] <= TARGET else 'MISSED'}"
+        if "floor_ratio" in r:
+            note = "; ".join(filter(None, [note, f"floor ratio {r['floor_ratio']:.3f} (bare matmuls: one "
+                                              f"{r['floor_one_ms']:.1f} ms, mixed {r['floor_mixed_ms']:.1f} ms)"]))
         per_task = f"{r['bytes_per_task']:,}" if "bytes_per_task" in r else "-"
         stored = f"{r['stored_MB']:.1f}" if "stored_MB" in r else "-"
         cells.append((r["kind"], str(r["K"]), str(r.get("tasks_mixed", "-")), ms("one_ms"), ratio("one_ratio"),
