@@ -75,6 +75,34 @@ def tiny_experiment(tmp_path, cl_root, monkeypatch):
 
 
 @pytest.fixture
+def tiny_run_yaml(tmp_path, cl_root, tiny_backbone):
+    """A factory of tiny 3-task runs (SST-2, agnews, yahoo; delta strategy, oracle router) written as a YAML file
+    under tmp_path, what a user would pass to `continual run`. Keyword sections update the defaults
+    (``router={"name": "prototype"}``, ``tracking={"experiment": "resume"}``)."""
+    import yaml
+
+    def make(**sections) -> Path:
+        cfg = {
+            "stream": {"name": "custom", "tasks": ["SST-2", "agnews", "yahoo"], "data_root": str(cl_root),
+                       "train_per_class": 6, "test_per_task": 16, "max_length": 24,
+                       "cache_dir": str(tmp_path / "cache")},
+            "backbone": tiny_backbone,
+            "strategy": {"name": "delta"},
+            "router": {"name": "oracle"},
+            "training": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "progress": False, "device": "cpu"},
+            "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "output_dir": str(tmp_path / "outputs"),
+                         "experiment": "tiny"},
+        }
+        for key, value in sections.items():
+            cfg.setdefault(key, {}).update(value)
+        path = tmp_path / "run.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    return make
+
+
+@pytest.fixture
 def one_cpu_thread():
     """Run a test on one intra-op thread: tiny models gain nothing from threads, and on a shared 2-core machine extra
     threads only add contention (about 10x slower was measured). Opt in per module with

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from continual.config import ConfigError
 from continual.training.distributed import DataParallel, check_data_parallel, shard_of
@@ -101,24 +100,10 @@ def test_collectives_on_two_gloo_processes(tmp_path):
 # ------------------------------------------------------------------------------------------ whole runs
 
 
-def tiny_config(tmp_path: Path, cl_root: Path, tiny_backbone: dict, **sections) -> Path:
-    """A 3-task tiny run without dropout, as a YAML file."""
+def tiny_config(make, tiny_backbone: dict, **sections) -> Path:
+    """A 3-task tiny run without dropout, in the experiment "dp"."""
     backbone = {**tiny_backbone, "config_overrides": {**tiny_backbone["config_overrides"], **NO_DROPOUT}}
-    cfg = {
-        "stream": {"name": "custom", "tasks": ["SST-2", "agnews", "yahoo"], "data_root": str(cl_root),
-                   "train_per_class": 6, "test_per_task": 16, "max_length": 24, "cache_dir": str(tmp_path / "cache")},
-        "backbone": backbone,
-        "strategy": {"name": "delta"},
-        "router": {"name": "oracle"},
-        "training": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "progress": False, "device": "cpu"},
-        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "output_dir": str(tmp_path / "outputs"),
-                     "experiment": "dp"},
-    }
-    for key, value in sections.items():
-        cfg.setdefault(key, {}).update(value)
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return make(**sections, backbone=backbone, tracking={"experiment": "dp"})
 
 
 
@@ -145,7 +130,7 @@ def assert_same_run(one: Path, two: Path, atol: float) -> None:
     ({"name": "delta", "kinds": ["lora"]}, "prototype", 1e-5),
     ({"name": "experts", "concentration": 0.0}, "prototype", 1e-5),  # routing losses are per process's share
 ], ids=["full_finetune", "lora", "experts"])
-def test_two_gloo_processes_train_as_one_process(strategy, router, atol, tmp_path, cl_root, tiny_backbone,
+def test_two_gloo_processes_train_as_one_process(tiny_run_yaml, strategy, router, atol, tmp_path, tiny_backbone,
                                                  monkeypatch):
     """Same global batch: the same accuracy matrix and trained weights equal within float tolerance; exactly one
     MLflow run and one run folder come out of the two processes."""
@@ -153,7 +138,7 @@ def test_two_gloo_processes_train_as_one_process(strategy, router, atol, tmp_pat
 
     from continual.recipes.run import load_config, run_experiment
 
-    config = tiny_config(tmp_path, cl_root, tiny_backbone, strategy=strategy, router={"name": router})
+    config = tiny_config(tiny_run_yaml, tiny_backbone, strategy=strategy, router={"name": router})
     monkeypatch.chdir(tmp_path)
     run_experiment(load_config(config, ["tracking.run_name=one"]), echo=lambda *_: None)
     done = torchrun("run", str(config), "tracking.run_name=two", cwd=tmp_path)
@@ -176,12 +161,12 @@ def test_two_gloo_processes_train_as_one_process(strategy, router, atol, tmp_pat
 
 
 @pytest.mark.slow
-def test_a_run_killed_in_one_process_resumes_on_two(tmp_path, cl_root, tiny_backbone, monkeypatch):
+def test_a_run_killed_in_one_process_resumes_on_two(tiny_run_yaml, tmp_path, tiny_backbone, monkeypatch):
     """A resumed run may use another number of processes: killed during task 1 in one process, resumed under torchrun
     with two, it ends with the uninterrupted run's matrix (router statistics and run state included)."""
     from continual.recipes.run import load_config, run_experiment
 
-    config = tiny_config(tmp_path, cl_root, tiny_backbone, router={"name": "prototype"})
+    config = tiny_config(tiny_run_yaml, tiny_backbone, router={"name": "prototype"})
     monkeypatch.chdir(tmp_path)
     run_experiment(load_config(config, ["tracking.run_name=whole"]), echo=lambda *_: None)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CONTINUAL_KILL_AT": "train:1"}

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
 from continual.cli import main
 from continual.config import ConfigError
@@ -24,23 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
-def tiny_config(tmp_path: Path, cl_root: Path, tiny_backbone: dict, **sections) -> Path:
-    """A 3-task tiny run as a YAML file (what a user would pass to `continual run`)."""
-    cfg = {
-        "stream": {"name": "custom", "tasks": ["SST-2", "agnews", "yahoo"], "data_root": str(cl_root),
-                   "train_per_class": 6, "test_per_task": 16, "max_length": 24, "cache_dir": str(tmp_path / "cache")},
-        "backbone": tiny_backbone,
-        "strategy": {"name": "delta"},
-        "router": {"name": "prototype"},
-        "training": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "progress": False, "device": "cpu"},
-        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "output_dir": str(tmp_path / "outputs"),
-                     "experiment": "resume"},
-    }
-    for key, value in sections.items():
-        cfg.setdefault(key, {}).update(value)
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+def tiny_config(make, **sections) -> Path:
+    """A 3-task tiny run with the prototype router by default, in the experiment "resume"."""
+    return make(**{"router": {"name": "prototype"}, **sections, "tracking": {"experiment": "resume"}})
 
 
 def run_dir(tmp_path: Path, name: str) -> Path:
@@ -58,10 +43,10 @@ def cli(*args: str, env: dict | None = None, cwd: Path) -> subprocess.CompletedP
 
 
 @pytest.mark.slow
-def test_runs_killed_at_several_points_resume_to_the_uninterrupted_matrix(tmp_path, cl_root, tiny_backbone):
+def test_runs_killed_at_several_points_resume_to_the_uninterrupted_matrix(tiny_run_yaml, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    config = tiny_config(tmp_path, cl_root, tiny_backbone)
+    config = tiny_config(tiny_run_yaml)
     done = cli("run", str(config), "tracking.run_name=whole", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     expected = matrix(run_dir(tmp_path, "whole"))
@@ -97,13 +82,13 @@ def test_runs_killed_at_several_points_resume_to_the_uninterrupted_matrix(tmp_pa
     {"name": "experts", "prune_threshold": 0.3, "experts_per_task": 3},
     {"name": "joint"},
 ])
-def test_each_strategys_own_state_resumes_exactly(strategy, tmp_path, cl_root, tiny_backbone, monkeypatch):
+def test_each_strategys_own_state_resumes_exactly(tiny_run_yaml, strategy, tmp_path, monkeypatch):
     """An interruption after the first task (an exception here, in process) and a resume give the uninterrupted
     matrix: EWC's importances, the replay memory, LwF's teacher and the experts' pruning history are restored."""
     from continual.recipes.run import load_config, resume_experiment, run_experiment
 
     router = {"name": "oracle"} if strategy["name"] in ("replay", "ewc", "lwf", "joint") else {"name": "prototype"}
-    config = tiny_config(tmp_path, cl_root, tiny_backbone, strategy=strategy, router=router)
+    config = tiny_config(tiny_run_yaml, strategy=strategy, router=router)
     monkeypatch.chdir(tmp_path)
     whole = run_experiment(load_config(config, ["tracking.run_name=whole"]), echo=lambda *_: None)
 
@@ -126,8 +111,8 @@ def test_each_strategys_own_state_resumes_exactly(strategy, tmp_path, cl_root, t
     assert [r.train_loss for r in resumed.records] == [r.train_loss for r in whole.records]
 
 
-def test_resume_refuses_a_changed_config_and_names_the_keys(tmp_path, cl_root, tiny_backbone, capsys):
-    config = tiny_config(tmp_path, cl_root, tiny_backbone, router={"name": "oracle"})
+def test_resume_refuses_a_changed_config_and_names_the_keys(tiny_run_yaml, tmp_path, capsys):
+    config = tiny_config(tiny_run_yaml, router={"name": "oracle"})
     os.chdir(tmp_path)
     assert main(["run", str(config), "tracking.run_name=r"]) == 0
     folder = run_dir(tmp_path, "r")
@@ -142,12 +127,12 @@ def test_resume_refuses_a_changed_config_and_names_the_keys(tmp_path, cl_root, t
     assert "already finished" in capsys.readouterr().out
 
 
-def test_a_corrupt_state_file_is_named_and_the_previous_state_is_kept(tmp_path, cl_root, tiny_backbone, capsys,
+def test_a_corrupt_state_file_is_named_and_the_previous_state_is_kept(tiny_run_yaml, tmp_path, capsys,
                                                                      monkeypatch):
     import continual.training.run_state as run_state
     from continual.recipes.run import load_config, resume_experiment, run_experiment
 
-    config = tiny_config(tmp_path, cl_root, tiny_backbone, router={"name": "oracle"})
+    config = tiny_config(tiny_run_yaml, router={"name": "oracle"})
     monkeypatch.chdir(tmp_path)
     whole = run_experiment(load_config(config, ["tracking.run_name=whole"]), echo=lambda *_: None)
 
@@ -180,7 +165,7 @@ def test_a_corrupt_state_file_is_named_and_the_previous_state_is_kept(tmp_path, 
     np.testing.assert_array_equal(resumed.matrix, whole.matrix)
 
 
-def test_not_a_run_folder_and_a_state_from_another_backbone(tmp_path, cl_root, tiny_backbone, capsys):
+def test_not_a_run_folder_and_a_state_from_another_backbone(tmp_path, capsys):
     from continual.training.run_state import RunStateError, load_model_tensors
     import torch
 
@@ -195,10 +180,10 @@ def test_not_a_run_folder_and_a_state_from_another_backbone(tmp_path, cl_root, t
         load_model_tensors(model, {"lora.weight": torch.zeros(3, 4)}, "other")
 
 
-def test_eval_reproduces_the_last_row_and_predict_answers_with_the_router(tmp_path, cl_root, tiny_backbone, capsys):
+def test_eval_reproduces_the_last_row_and_predict_answers_with_the_router(tiny_run_yaml, tmp_path, capsys):
     import continual
 
-    config = tiny_config(tmp_path, cl_root, tiny_backbone)
+    config = tiny_config(tiny_run_yaml)
     os.chdir(tmp_path)
     assert main(["run", str(config), "tracking.run_name=routed"]) == 0
     folder = run_dir(tmp_path, "routed")
@@ -230,8 +215,8 @@ def test_eval_reproduces_the_last_row_and_predict_answers_with_the_router(tmp_pa
         run.predict(["x"], task="dbpedia")
 
 
-def test_predict_without_a_task_on_an_oracle_run_asks_for_one(tmp_path, cl_root, tiny_backbone, capsys):
-    config = tiny_config(tmp_path, cl_root, tiny_backbone, router={"name": "oracle"})
+def test_predict_without_a_task_on_an_oracle_run_asks_for_one(tiny_run_yaml, tmp_path, capsys):
+    config = tiny_config(tiny_run_yaml, router={"name": "oracle"})
     os.chdir(tmp_path)
     assert main(["run", str(config), "tracking.run_name=oracle"]) == 0
     inputs = tmp_path / "in.jsonl"
