@@ -107,6 +107,10 @@ class TrainingConfig:
     device: str = "auto"
     # Evaluate the untrained model first (needed for FWT).
     eval_before_training: bool = True
+    # Which tasks are evaluated after each task: "all" (the whole accuracy matrix) or "seen" (the tasks trained so
+    # far and the next one: all that ACC, BWT, FWT and forgetting read; later tasks' cells stay empty). "seen" makes
+    # evaluation grow with the tasks trained, not with the stream: about half the cost on a long stream.
+    eval_tasks: str = "all"
     # Directory for per-task safetensors checkpoints (empty: no checkpoints).
     checkpoint_dir: Optional[str] = None
     progress: bool = True
@@ -145,6 +149,7 @@ _CHOICES = {
     "backbone.pooling": ("mean", "cls", "last"),
     "training.optimizer": ("adamw", "sgd"),
     "stream.eval_split": ("test", "dev"),
+    "training.eval_tasks": ("all", "seen"),
 }
 
 

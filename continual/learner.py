@@ -188,12 +188,14 @@ class ContinualLearner(SupervisedTemplate):
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, experiences) -> Dict[int, float]:
-        """Accuracy (0..1) per experience index, read from Avalanche's accuracy metric."""
+        """Accuracy (0..1) per experience index of ``experiences``, read from Avalanche's accuracy metric (its last
+        values also hold experiences of earlier evaluations: only those evaluated now are read)."""
         results = self.eval(experiences)
+        asked = {exp.current_experience for exp in experiences}
         out: Dict[int, float] = {}
         for key, value in results.items():
             match = _ACC_KEY.match(key)
-            if match:
+            if match and int(match.group(2)) in asked:
                 out[int(match.group(2))] = float(value)
         if self.data_parallel is not None:  # this process evaluated its share of the batches: sum over processes
             out = self.data_parallel.combine_accuracies(out, [exp.current_experience for exp in experiences])

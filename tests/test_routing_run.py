@@ -130,3 +130,38 @@ def test_a_routed_run_trains_exactly_as_the_oracle_run(tiny_experiment):
     plain = run_experiment(tiny_experiment(*common), echo=lambda *_: None)
     routed = run_experiment(tiny_experiment(*common, "router.name=prototype"), echo=lambda *_: None)
     np.testing.assert_array_equal(routed.oracle_matrix[1:], plain.matrix[1:])
+
+
+def test_evaluating_the_seen_tasks_only_gives_the_same_metrics(tiny_experiment):
+    # training.eval_tasks=seen evaluates, after task i, tasks 0..i+1 only: the cells every metric reads are the same
+    # as with the whole matrix (evaluation draws nothing from the training RNG), the others stay empty, and nothing
+    # that was not evaluated is logged.
+    from mlflow.tracking import MlflowClient
+
+    from continual.recipes.run import run_experiment
+
+    common = ("strategy.name=delta", "strategy.kinds=[lora]", "router.name=prototype")
+    three = {"stream": {"tasks": ["SST-2", "agnews", "yahoo"]}}
+    full = run_experiment(tiny_experiment(*common, **three), echo=lambda *_: None)
+    cfg = tiny_experiment(*common, "training.eval_tasks=seen", "tracking.run_name=seen", **three)
+    seen = run_experiment(cfg, echo=lambda *_: None)
+    wanted = np.tril(np.ones((3, 3), dtype=bool), k=1)  # trained so far and the next task
+    for name in ("matrix", "oracle_matrix"):
+        a, b = getattr(full, name), getattr(seen, name)
+        np.testing.assert_array_equal(b[wanted], a[wanted])
+        assert np.isnan(b[0, 2]) and not np.isnan(a[0, 2])
+    np.testing.assert_array_equal(seen.routing_matrix, full.routing_matrix)
+    np.testing.assert_array_equal(seen.routing_confusion, full.routing_confusion)  # the last row sees every task
+    assert seen.eval_seconds["oracle"] > 0
+    summaries = [json.loads((r.output_dir / "summary.json").read_text())["summary"] for r in (full, seen)]
+    assert summaries[1] == pytest.approx(summaries[0], nan_ok=True)
+    client = MlflowClient(cfg.tracking.uri)
+    experiment = client.get_experiment_by_name(seen.output_dir.parent.name)  # the run folder is <experiment>/<run>
+    run = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{seen.output_dir.name}'")[0]
+    steps = {m.step for m in client.get_metric_history(run.info.run_id, "acc/yahoo")}
+    assert steps == {1, 2}  # yahoo is evaluated from the row where it is the next task
+
+
+def test_eval_tasks_must_be_all_or_seen(tiny_experiment):
+    with pytest.raises(ConfigError, match="training.eval_tasks"):
+        tiny_experiment("training.eval_tasks=some")

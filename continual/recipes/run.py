@@ -165,23 +165,27 @@ def _run(cfg: DictConfig, echo: Callable[[str], None], parallel, resume: Optiona
         tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
 
     def evaluate_row(row: Optional[int] = None) -> np.ndarray:
-        """Accuracy on every task's test set; with a router, also the oracle row and the routing row of ``row``."""
+        """Accuracy on every task's test set (with ``training.eval_tasks=seen``, on the tasks up to ``row + 1`` only;
+        NaN for the others); with a router, also the oracle row and the routing row of ``row``."""
+        wanted = test_exps
+        if row is not None and cfg.training.eval_tasks == "seen" and not strategy.trains_jointly:
+            wanted = test_exps[: row + 2]  # the tasks trained so far and the next one (FWT reads it)
         started = time.perf_counter()
-        accs = learner.evaluate(test_exps)
+        accs = learner.evaluate(wanted)
         if row is not None:
             kill_point("eval", row)  # fault-injection tests: a kill during evaluation
-        routed = np.array([accs[j] for j in range(T)])
+        routed = np.array([accs.get(j, np.nan) for j in range(T)])
         counts = take_routing_counts(model, T, parallel) if router is not None else None
         if counts is None or row is None:
             return routed
         result.eval_seconds["routed"] += time.perf_counter() - started
         model.route_inferred, started = False, time.perf_counter()
         try:
-            accs = learner.evaluate(test_exps)
+            accs = learner.evaluate(wanted)
         finally:
             model.route_inferred = True
         result.eval_seconds["oracle"] += time.perf_counter() - started
-        result.oracle_matrix[row] = [accs[j] for j in range(T)]
+        result.oracle_matrix[row] = [accs.get(j, np.nan) for j in range(T)]
         routing = np.diag(counts) / np.maximum(counts.sum(1), 1)
         if not strategy.trains_jointly:
             routing[row + 1:] = np.nan  # tasks not learnt yet: nothing can be routed to them
@@ -195,7 +199,7 @@ def _run(cfg: DictConfig, echo: Callable[[str], None], parallel, resume: Optiona
         record = result.records[index]
         tracker.log_metrics(
             {
-                **{f"acc/{n}": float(a) for n, a in zip(names, result.matrix[row])},
+                **{f"acc/{n}": float(a) for n, a in zip(names, result.matrix[row]) if not np.isnan(a)},
                 "acc/mean_seen": float(np.mean(result.matrix[row, : row + 1])),
                 "train_loss": record.train_loss,
                 "trainable_parameters": record.trainable_parameters,
@@ -210,7 +214,8 @@ def _run(cfg: DictConfig, echo: Callable[[str], None], parallel, resume: Optiona
         if router is not None:
             tracker.log_metrics(
                 {
-                    **{f"acc_oracle/{n}": float(a) for n, a in zip(names, result.oracle_matrix[row])},
+                    **{f"acc_oracle/{n}": float(a) for n, a in zip(names, result.oracle_matrix[row])
+                       if not np.isnan(a)},
                     **{f"routing_acc/{n}": float(a) for n, a in zip(names[: row + 1], result.routing_matrix[row])},
                     "router_bytes": record.router_bytes,
                 },
