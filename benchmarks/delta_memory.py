@@ -33,7 +33,7 @@ import torch
 
 
 from benchmarks._output import add_json_argument, write_json
-from benchmarks.delta_speed import parse_overrides  # same --override syntax
+from benchmarks.delta_speed import add_backbone_arguments, parse_overrides  # the same backbone options
 
 FULL = "full_finetune"
 N_CLASSES = 4
@@ -41,10 +41,7 @@ N_CLASSES = 4
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="minilm", help="short name, local folder or Hub id")
-    parser.add_argument("--random-init", action="store_true", help="random weights from the backbone's config")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="backbone config override (int/float/str), repeatable: --override num_hidden_layers=2")
+    add_backbone_arguments(parser)
     parser.add_argument("--batch", type=int, default=32, help="samples per batch")
     parser.add_argument("--length", type=int, default=128, help="tokens per sample")
     parser.add_argument("--steps", type=int, default=2, help="training steps measured (>= 2 sees the optimizer state)")

@@ -48,10 +48,7 @@ TARGET = 1.05  # the issue's bound on our overheads
 # ---------------------------------------------------------------------------------------------------- setup
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="minilm", help="short name, local folder or Hub id")
-    parser.add_argument("--random-init", action="store_true", help="random weights from the backbone's config")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="backbone config override (int/float/str), repeatable: --override num_hidden_layers=2")
+    add_backbone_arguments(parser)
     parser.add_argument("--batch", type=int, default=50, help="samples per batch")
     parser.add_argument("--length", type=int, default=64, help="tokens per sample")
     parser.add_argument("--steps", type=int, default=20, help="iterations per timed round")
@@ -75,6 +72,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.mixed_train_tasks > args.batch:
         parser.error("--mixed-train-tasks cannot exceed --batch")
     return args
+
+
+def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--backbone``, ``--random-init`` and ``--override KEY=VALUE`` (read with :func:`parse_overrides`)."""
+    parser.add_argument("--backbone", default="minilm", help="short name, local folder or Hub id")
+    parser.add_argument("--random-init", action="store_true", help="random weights from the backbone's config")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="backbone config override (int/float/str), repeatable: --override num_hidden_layers=2")
 
 
 def parse_overrides(items: Sequence[str]) -> Dict[str, object]:

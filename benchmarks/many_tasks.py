@@ -42,6 +42,7 @@ import torch
 from benchmarks._output import add_json_argument, write_json
 from benchmarks.delta_speed import (  # one home for the timing helpers and the PEFT LoRA setup
     N_CLASSES,
+    add_backbone_arguments,
     alternate,
     call_round,
     make_batches,
@@ -57,10 +58,7 @@ TARGET = 1.10  # the issue's bound on a mixed batch at the largest K, against a 
 # ---------------------------------------------------------------------------------------------------- setup
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="minilm", help="short name, local folder or Hub id")
-    parser.add_argument("--random-init", action="store_true", help="random weights from the backbone's config")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="backbone config override (int/float/str), repeatable: --override num_hidden_layers=2")
+    add_backbone_arguments(parser)
     parser.add_argument("--tasks", default="1,10,100,1000,5000", help="comma-separated K: tasks loaded")
     parser.add_argument("--mix", type=int, default=50, help="tasks mixed in the mixed batch (at most K)")
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {','.join(KINDS)}")

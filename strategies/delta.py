@@ -207,28 +207,18 @@ class DeltaStrategy(BaseStrategy):
         return backbone + deltas + count(heads.values())
 
 
-class PenalizedLoRA(BaseStrategy):
-    """One LoRA per task, earlier ones frozen, all acting together (``delta`` with kind ``lora`` and ``simultaneous``
-    composition), plus a penalty on the new task's LoRA that a subclass gives through :meth:`auxiliary_loss`
-    (O-LoRA, N-LoRA). Allocation, freezing, task state and parameter accounting are the ``delta`` strategy's."""
+class ComposedDelta(BaseStrategy):
+    """A strategy built on the ``delta`` strategy: ``self.deltas`` (a :class:`DeltaStrategy` the subclass creates)
+    allocates, freezes, stores and counts the per-task modules, and these hooks hand over to it; a subclass overrides
+    the hooks where it adds something (``setup`` is always its own: what it builds before the bank differs)."""
 
-    def __init__(self, rank: int, alpha: float, targets: Sequence[str]):
-        self.deltas = DeltaStrategy(kinds=["lora"], composition="simultaneous", targets=targets, rank=rank, alpha=alpha)
-
-    @staticmethod
-    def lora_sites(model: nn.Module):
-        """The bank's LoRA deltas, one per adapted linear."""
-        return [site.delta for site in model.bank.sites().values() if site.delta.kind == "lora"]
-
-    def setup(self, model: nn.Module, tasks: Sequence[TaskInfo]) -> None:
-        super().setup(model, tasks)
-        self.deltas.setup(model, tasks)
+    deltas: DeltaStrategy
 
     def before_task(self, model: nn.Module, task: TaskInfo) -> None:
         self.deltas.before_task(model, task)
 
     def trainable_parameters(self, model: nn.Module, task: TaskInfo) -> List[nn.Parameter]:
-        """The new task's LoRA at every site (and its head, when the model has per-task heads)."""
+        """The new task's modules at every site (and its head, when the model has per-task heads)."""
         return self.deltas.trainable_parameters(model, task)
 
     def after_task(self, model: nn.Module, task: TaskInfo) -> None:
@@ -241,8 +231,26 @@ class PenalizedLoRA(BaseStrategy):
         self.deltas.load_task_state(model, task, state)
 
     def stored_parameters(self, model: nn.Module, tasks_so_far: Sequence[TaskInfo]) -> int:
-        """The frozen backbone and every task's LoRA so far (and heads, when there are any)."""
+        """The frozen backbone and every task's modules so far (and heads, when there are any)."""
         return self.deltas.stored_parameters(model, tasks_so_far)
+
+
+class PenalizedLoRA(ComposedDelta):
+    """One LoRA per task, earlier ones frozen, all acting together (``delta`` with kind ``lora`` and ``simultaneous``
+    composition), plus a penalty on the new task's LoRA that a subclass gives through :meth:`auxiliary_loss`
+    (O-LoRA, N-LoRA)."""
+
+    def __init__(self, rank: int, alpha: float, targets: Sequence[str]):
+        self.deltas = DeltaStrategy(kinds=["lora"], composition="simultaneous", targets=targets, rank=rank, alpha=alpha)
+
+    @staticmethod
+    def lora_sites(model: nn.Module):
+        """The bank's LoRA deltas, one per adapted linear."""
+        return [site.delta for site in model.bank.sites().values() if site.delta.kind == "lora"]
+
+    def setup(self, model: nn.Module, tasks: Sequence[TaskInfo]) -> None:
+        super().setup(model, tasks)
+        self.deltas.setup(model, tasks)
 
 
 def _head_state(model: nn.Module, task: TaskInfo) -> Dict[str, torch.Tensor]:

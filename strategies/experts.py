@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from continual.config import StrategyConfig
-from continual.expansion import BaseStrategy, TaskInfo
+from continual.expansion import TaskInfo
 from continual.modules import ModuleBank
 from continual.modules.experts import (
     ExpertOptions,
@@ -44,7 +44,7 @@ from continual.modules.experts import (
     set_slot_enabled,
     upcycle,
 )
-from strategies.delta import DeltaStrategy
+from strategies.delta import ComposedDelta, DeltaStrategy
 
 EXPERT_PREFIX = "experts."  # task_state keys of expert tensors; head tensors keep their model state_dict names
 PRUNING_PREFIX = "pruning."  # state_dict (and task_state) keys of the pruning history
@@ -95,7 +95,7 @@ class ExpertConfig(StrategyConfig):
     prune_threshold: float = 0.0
 
 
-class ExpertStrategy(BaseStrategy):
+class ExpertStrategy(ComposedDelta):
     """Frozen upcycled backbone; per task, new experts at every expert site plus the task's head train, then freeze."""
 
     name = "experts"
@@ -156,10 +156,6 @@ class ExpertStrategy(BaseStrategy):
     def before_task(self, model: nn.Module, task: TaskInfo) -> None:
         self.deltas.before_task(model, task)  # allocated switched off: nothing changes until the next line
         set_slot_enabled(model.bank, task.index, True)
-
-    def trainable_parameters(self, model: nn.Module, task: TaskInfo) -> List[nn.Parameter]:
-        """The task's experts and router rows at every site, and its head."""
-        return self.deltas.trainable_parameters(model, task)
 
     def after_task(self, model: nn.Module, task: TaskInfo) -> None:
         """Freeze the task's experts; replay the pruning stored for it when it was restored rather than run here."""
@@ -261,11 +257,6 @@ class ExpertStrategy(BaseStrategy):
             self._pruned[task.index] = prune_experts(expert_deltas(model.bank), history.keep[task.index])
         self.deltas.load_task_state(model, task, {k: v for k, v in state.items() if not k.startswith(PRUNING_PREFIX)})
         set_slot_enabled(model.bank, task.index, True)
-
-    def stored_parameters(self, model: nn.Module, tasks_so_far: Sequence[TaskInfo]) -> int:
-        """The frozen upcycled backbone (with the shared router rows), every task's experts left after pruning and
-        heads so far."""
-        return self.deltas.stored_parameters(model, tasks_so_far)
 
 
 def _pruning_plugin(strategy: ExpertStrategy):

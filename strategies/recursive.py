@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from continual.config import StrategyConfig
-from continual.expansion import BaseStrategy, TaskInfo, count
+from continual.expansion import TaskInfo, count
 from continual.models.recursive import RecursionConfig, RelaxedLinear, convert_to_recursive, load_recursive, svd_lora_factors
 from continual.modules import ModuleBank
-from strategies.delta import DeltaStrategy
+from strategies.delta import ComposedDelta, DeltaStrategy
 
 TASK_INITS = ("zero", "svd")
 
@@ -46,7 +46,7 @@ class RecursiveConfig(StrategyConfig):
     composition: str = "isolated"
 
 
-class RecursiveStrategy(BaseStrategy):
+class RecursiveStrategy(ComposedDelta):
     """Frozen recursive backbone shared by all tasks; per task, depth-wise LoRA at every unrolled depth plus a head.
 
     The per-task part is the ``delta`` strategy with the LoRA kind, run on the converted backbone (composition, not
@@ -100,25 +100,9 @@ class RecursiveStrategy(BaseStrategy):
         if fresh and self._initial_slot:
             model.bank.load_task_state(task.index, self._initial_slot)
 
-    def trainable_parameters(self, model: nn.Module, task: TaskInfo) -> List[nn.Parameter]:
-        return self.deltas.trainable_parameters(model, task)
-
-    def after_task(self, model: nn.Module, task: TaskInfo) -> None:
-        self.deltas.after_task(model, task)
-
-    def task_state(self, model: nn.Module, task: TaskInfo) -> Dict[str, torch.Tensor]:
-        return self.deltas.task_state(model, task)
-
-    def load_task_state(self, model: nn.Module, task: TaskInfo, state: Dict[str, torch.Tensor]) -> None:
-        self.deltas.load_task_state(model, task, state)
-
     def task_parameter_count(self, model: nn.Module, task: TaskInfo) -> int:
         """Parameters stored for one task: its depth-wise LoRA at every site plus its head."""
         return model.bank.parameter_count(task.index) + count(model.heads.parameters_for(task.index))
-
-    def stored_parameters(self, model: nn.Module, tasks_so_far: Sequence[TaskInfo]) -> int:
-        """The shared recursive backbone once (tied tensors count once) plus every task's LoRA and head."""
-        return self.deltas.stored_parameters(model, tasks_so_far)
 
 
 def _load_pretrained(folder: str, current: nn.Module) -> nn.Module:
