@@ -89,3 +89,26 @@ def test_recursive_throughput_writes_its_rows(tmp_path, cl_root):
     for row in saved["rows"]:
         assert {"parameters", "samples_per_s", "speedup", "mean_loops", "agree_unconverted"} <= set(row)
         assert f"{row['parameters']:,}" in done.stdout
+
+
+def test_router_speed_times_a_routed_run_three_ways(tmp_path, tiny_run_yaml):
+    """A finished routed run, timed oracle / routed / router pass on the same batches; an oracle run is refused."""
+    from continual.cli import resolve_config
+    from continual.recipes.run import load_config, run_experiment
+
+    routed = run_experiment(load_config(resolve_config(str(tiny_run_yaml(router={"name": "prototype"}))),
+                                        ["tracking.enabled=false"]), echo=lambda *_: None)
+    path = tmp_path / "speed.json"
+    done = run_benchmark("router_speed", str(routed.output_dir), "--samples", "5", "--batch", "4", "--repeats", "1",
+                         "--warmup", "0", "--json", str(path))
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(path.read_text())["rows"]
+    assert row["router"] == "prototype" and row["tasks"] == 3 and row["samples"] == 15 and row["batch"] == 4
+    assert row["oracle_ms"] > 0 and row["routed_ms"] > 0 and row["router_ms"] > 0
+    assert row["routed_over_oracle"] == pytest.approx(row["routed_ms"] / row["oracle_ms"])
+    assert f"{row['routed_over_oracle']:.2f} |" in done.stdout
+
+    oracle = run_experiment(load_config(resolve_config(str(tiny_run_yaml(tracking={"experiment": "plain"}))),
+                                        ["tracking.enabled=false"]), echo=lambda *_: None)
+    refused = run_benchmark("router_speed", str(oracle.output_dir), "--samples", "2")
+    assert refused.returncode != 0 and "not a routed run" in refused.stderr
