@@ -111,6 +111,10 @@ class TrainingConfig:
     # far and the next one: all that ACC, BWT, FWT and forgetting read; later tasks' cells stay empty). "seen" makes
     # evaluation grow with the tasks trained, not with the stream: about half the cost on a long stream.
     eval_tasks: str = "all"
+    # Arithmetic of every forward of the model (training, evaluation, router fitting, predict): "fp32", or "bf16"
+    # (torch.autocast: matmuls in bfloat16, weights, gradients, optimizer state and outputs in float32). bf16 is the
+    # usual choice on recent GPUs and on CPUs with AMX or AVX512-BF16; results differ slightly from fp32.
+    precision: str = "fp32"
     # Directory for per-task safetensors checkpoints (empty: no checkpoints).
     checkpoint_dir: Optional[str] = None
     progress: bool = True
@@ -150,6 +154,7 @@ _CHOICES = {
     "training.optimizer": ("adamw", "sgd"),
     "stream.eval_split": ("test", "dev"),
     "training.eval_tasks": ("all", "seen"),
+    "training.precision": ("fp32", "bf16"),
 }
 
 

@@ -7,7 +7,8 @@ no sample in the batch uses before running the encoder.
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from contextlib import nullcontext
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from avalanche.models import MultiTaskModule
@@ -200,6 +201,15 @@ class ContinualClassifier(MultiTaskModule):
         self.router_top_k, self.router_temperature = 1, 1.0  # soft mode when top_k > 1
         self.route_inferred = True
         self.routing_log: List[tuple] = []
+        # `training.precision`: None runs in float32; torch.bfloat16 autocasts every forward (training, evaluation,
+        # routing features, answers) while parameters, gradients and the returned scores stay float32.
+        self.compute_dtype: Optional[torch.dtype] = None
+
+    def precision(self, x: torch.Tensor):
+        """The autocast context of ``compute_dtype`` on ``x``'s device (a no-op in float32)."""
+        if self.compute_dtype is None:
+            return nullcontext()
+        return torch.autocast(x.device.type, dtype=self.compute_dtype)
 
     def encode(
         self,
@@ -227,7 +237,16 @@ class ContinualClassifier(MultiTaskModule):
 
     def forward(self, x: torch.Tensor, task_labels) -> torch.Tensor | Dict[int, torch.Tensor]:
         """x: [B, 2, L]; task_labels: [B] tensor, one int for the whole batch, or None for every task trained so
-        far (Avalanche's convention, used by LwF), which returns ``{task: [B, C] logits}``."""
+        far (Avalanche's convention, used by LwF), which returns ``{task: [B, C] logits}``. Float32 scores, whatever
+        ``compute_dtype`` the forward ran in."""
+        with self.precision(x):
+            out = self._forward(x, task_labels)
+        if isinstance(out, dict):
+            return {task: logits.float() for task, logits in out.items()}
+        return out.float()
+
+    def _forward(self, x: torch.Tensor, task_labels) -> torch.Tensor | Dict[int, torch.Tensor]:
+        """:meth:`forward` in the compute dtype (subclasses that score differently override this)."""
         if task_labels is None:
             tasks = sorted(self.known_train_tasks_labels)
             labels = {task: torch.full((x.shape[0],), task, dtype=torch.long, device=x.device) for task in tasks}
@@ -285,14 +304,15 @@ class ContinualClassifier(MultiTaskModule):
         used = max(int(attention_mask.sum(1).max().item()) if attention_mask.numel() else 0, 1)
         ids, mask = input_ids[:, :used], attention_mask[:, :used]
         trunk = self.hidden_model()
-        if self.bank is None:
-            hidden = trunk(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-        else:  # every site acts as its base module: the bare backbone, at its own cost (no virtual tokens)
-            with self.bank.route(torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device), bypass=True):
+        with self.precision(x):
+            if self.bank is None:
                 hidden = trunk(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
-        mask = mask.to(hidden[0].dtype).unsqueeze(-1)
+            else:  # every site acts as its base module: the bare backbone, at its own cost (no virtual tokens)
+                with self.bank.route(torch.zeros(ids.shape[0], dtype=torch.long, device=ids.device), bypass=True):
+                    hidden = trunk(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        mask = mask.float().unsqueeze(-1)  # pooled in float32 whatever the compute dtype (the statistics are wider)
         layers = list(self.router_layers) or [len(hidden) - 1]
-        pooled = [(hidden[i] * mask).sum(1) / mask.sum(1).clamp_min(1.0) for i in layers]
+        pooled = [(hidden[i].float() * mask).sum(1) / mask.sum(1).clamp_min(1.0) for i in layers]
         return torch.cat(pooled, -1)
 
     def hidden_model(self) -> nn.Module:
@@ -365,6 +385,10 @@ class ContinualClassifier(MultiTaskModule):
         Raises:
             ValueError: no task given and nothing to infer it with (a per-task head and no router).
         """
+        with self.precision(x):
+            return self._answer(x, tasks)
+
+    def _answer(self, x: torch.Tensor, tasks: torch.Tensor | None) -> tuple:
         shared = getattr(self.heads, "mode", "task") == "shared"
         if tasks is None and shared:
             tasks = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)

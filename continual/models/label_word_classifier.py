@@ -329,7 +329,7 @@ class LabelWordClassifier(ContinualClassifier):
         """The LM's base model (its hidden states, without the vocabulary logits)."""
         return getattr(self.backbone, self.backbone.base_model_prefix)
 
-    def forward(self, x: torch.Tensor, task_labels) -> torch.Tensor | Dict[int, torch.Tensor]:
+    def _forward(self, x: torch.Tensor, task_labels) -> torch.Tensor | Dict[int, torch.Tensor]:
         """x: ``[B, 2, L]``; task_labels: ``[B]``, one int, or None (every trained task's logits, as Avalanche's LwF
         asks) -> ``[B, W]`` (the task's labels) or ``[B, W + 1]`` (answers mapped into the gold label space)."""
         if task_labels is None:

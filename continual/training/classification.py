@@ -99,6 +99,11 @@ def build_parts(cfg: DictConfig, device: Optional[torch.device] = None) -> Class
             )
     if model is None:
         model = ContinualClassifier(backbone, [t.labels for t in tasks], head=cfg.backbone.head, pooling=cfg.backbone.pooling)
+    if cfg.training.precision != "fp32":
+        if not hasattr(model, "compute_dtype"):
+            raise ConfigError(f"training.precision: {cfg.training.precision!r} is not supported by strategy "
+                              f"{cfg.strategy.name!r} (its model runs in float32 only); use training.precision=fp32")
+        model.compute_dtype = {"bf16": torch.bfloat16}[cfg.training.precision]
     baseline = parameter_fingerprints(model)  # before the strategy touches it: setup is replayed on a rebuild
     strategy.setup(model, tasks)
     router = attach_router(model, router, cfg.router, cfg.strategy.name)  # None: the task id routes (oracle)

@@ -626,3 +626,30 @@ def test_the_slot_selection_is_found_once_with_the_callers_value():
     with bank.route(torch.tensor([3, 0, 3])):
         assert int(bank.host_value(torch.tensor(9))) == 9
         assert bank.routing.selection(4).ids == (0, 3)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_bf16_autocast_follows_fp32_and_trains_in_fp32(backbones, arch, kind):
+    """``training.precision=bf16``: a mixed batch in bfloat16 autocast answers like float32 (within bf16's precision),
+    returns float32 scores, and the current task's deltas get float32 gradients (parameters stay float32)."""
+    model, strategy = build(backbones, arch, kind, composition="sequential", n_tasks=2)
+    perturb(model.bank, [0, 1])
+    strategy.after_task(model, TASKS[0])
+    x, tasks = batch(), torch.tensor([0, 1, 1, 0, 1, 0])
+    with torch.no_grad():
+        exact = model(x, tasks)
+        model.compute_dtype = torch.bfloat16
+        low = model(x, tasks)
+    assert low.dtype == torch.float32
+    finite = torch.isfinite(exact)
+    assert torch.equal(finite, torch.isfinite(low))
+    torch.testing.assert_close(low[finite], exact[finite], atol=0.15, rtol=0.05)
+    assert not torch.equal(low, exact), "bf16 autocast did not change the arithmetic"
+
+    current = set_trainable(model, strategy.trainable_parameters(model, TASKS[1]))
+    model.train()
+    F.cross_entropy(model(x, 1)[:, :4], torch.arange(x.shape[0]) % 4).backward()
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in current)
+    assert any(p.grad.abs().sum() > 0 for p in current)

@@ -140,3 +140,11 @@ def test_tint_runs_on_a_native_moduleformer_folder(tint_experiment, tmp_path):
     assert result.matrix[1, 0] == pytest.approx(result.matrix[0, 0])
     saved = json.loads((result.output_dir / "summary.json").read_text())
     assert saved["extra"]["config"]["backbone.name"] == str(folder)
+
+
+def test_bf16_is_refused_by_tint_naming_the_key(tint_experiment):
+    from continual.config import ConfigError
+    from continual.recipes.run import run_experiment
+
+    with pytest.raises(ConfigError, match="training.precision: 'bf16' is not supported by strategy 'tint'"):
+        run_experiment(tint_experiment("training.precision=bf16"), echo=lambda *_: None)
