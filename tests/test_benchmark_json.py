@@ -112,3 +112,18 @@ def test_router_speed_times_a_routed_run_three_ways(tmp_path, tiny_run_yaml):
                                         ["tracking.enabled=false"]), echo=lambda *_: None)
     refused = run_benchmark("router_speed", str(oracle.output_dir), "--samples", "2")
     assert refused.returncode != 0 and "not a routed run" in refused.stderr
+
+
+def test_precision_speed_writes_a_row_per_kind(tmp_path):
+    path = tmp_path / "precision.json"
+    done = run_benchmark("precision_speed", "--random-init", "--override", "num_hidden_layers=1", "--override",
+                         "hidden_size=32", "--override", "intermediate_size=64", "--override", "num_attention_heads=2",
+                         "--kinds", "full", "lora", "--batch", "2", "--length", "8", "--steps", "1", "--repeats", "1",
+                         "--threads", "1", "--json", str(path))
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(path.read_text())["rows"]
+    assert [row["kind"] for row in rows] == ["full", "lora"]
+    for row in rows:
+        assert row["train_speedup"] == pytest.approx(row["train_fp32_ms"] / row["train_bf16_ms"])
+        assert 0 < row["max_logit_diff"] < 0.5  # bf16 changes the arithmetic, not the answer
+        assert f"{row['train_speedup']:.2f}x" in done.stdout
