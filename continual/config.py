@@ -111,9 +111,10 @@ class TrainingConfig:
     # far and the next one: all that ACC, BWT, FWT and forgetting read; later tasks' cells stay empty). "seen" makes
     # evaluation grow with the tasks trained, not with the stream: about half the cost on a long stream.
     eval_tasks: str = "all"
-    # Arithmetic of every forward of the model (training, evaluation, router fitting, predict): "fp32", or "bf16"
-    # (torch.autocast: matmuls in bfloat16, weights, gradients, optimizer state and outputs in float32). bf16 is the
-    # usual choice on recent GPUs and on CPUs with AMX or AVX512-BF16; results differ slightly from fp32.
+    # Arithmetic of every forward of the model (training, evaluation, router fitting, predict): "fp32", "bf16"
+    # (torch.autocast: matmuls in bfloat16, weights, gradients, optimizer state and outputs in float32), or "auto"
+    # (bf16 where the device runs it natively: GPUs that support it, CPUs with AMX or AVX512-BF16; else fp32).
+    # Results differ slightly from fp32.
     precision: str = "fp32"
     # Directory for per-task safetensors checkpoints (empty: no checkpoints).
     checkpoint_dir: Optional[str] = None
@@ -154,7 +155,7 @@ _CHOICES = {
     "training.optimizer": ("adamw", "sgd"),
     "stream.eval_split": ("test", "dev"),
     "training.eval_tasks": ("all", "seen"),
-    "training.precision": ("fp32", "bf16"),
+    "training.precision": ("fp32", "bf16", "auto"),
 }
 
 

@@ -62,5 +62,37 @@ def test_an_unknown_precision_names_the_key_and_the_choices():
     from continual.config import ConfigError
     from continual.recipes.run import load_config
 
-    with pytest.raises(ConfigError, match=r"training.precision: 'fp16' is not one of \['fp32', 'bf16'\]"):
+    with pytest.raises(ConfigError, match=r"training.precision: 'fp16' is not one of \['fp32', 'bf16', 'auto'\]"):
         load_config(None, ["training.precision=fp16"])
+
+
+def test_auto_is_bf16_where_it_is_native_and_fp32_elsewhere(monkeypatch, tmp_path):
+    from continual.training import environment
+    from continual.training.environment import native_bf16, resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(environment, "native_bf16", lambda device: True)
+    assert resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(environment, "native_bf16", lambda device: False)
+    assert resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.undo()
+    assert native_bf16(torch.device("meta")) is False
+    flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
+    assert native_bf16(cpu) == any(f in flags.split() for f in ("amx_bf16", "avx512_bf16"))
+
+
+def test_auto_resolves_per_device_and_the_run_is_tagged_with_what_ran(tiny_experiment, monkeypatch, tmp_path):
+    """``auto`` is bf16 where bf16 is native; the MLflow tag ``precision`` says what ran (bf16 or fp32)."""
+    from mlflow.tracking import MlflowClient
+
+    from continual.training import environment
+
+    monkeypatch.setattr(environment, "native_bf16", lambda device: True)
+    common = ("strategy.name=delta", "strategy.kinds=[lora]", "tracking.experiment=precision")
+    _run(tiny_experiment(*common, "training.precision=auto", "tracking.run_name=auto"))
+    _run(tiny_experiment(*common, "tracking.run_name=plain"))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("precision").experiment_id])
+    assert {r.info.run_name: r.data.tags["precision"] for r in runs} == {"auto": "bf16", "plain": "fp32"}
+

@@ -160,7 +160,8 @@ def _run(cfg: DictConfig, echo: Callable[[str], None], parallel, resume: Optiona
             result = RunResult.from_dict(state.data["result"], output_dir=output_dir)
             done = state.finished
     tags = {"stream": parts.stream.name, "strategy": cfg.strategy.name, "backbone": cfg.backbone.name,
-            "seed": str(cfg.seed), "router": cfg.router.name}
+            "seed": str(cfg.seed), "router": cfg.router.name,
+            "precision": "bf16" if getattr(parts.model, "compute_dtype", None) is not None else "fp32"}  # auto resolved
     if cfg.tracking.parent_run_id:  # a cell of `continual compare`: nested under its parent run
         tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
 

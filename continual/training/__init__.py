@@ -2,7 +2,7 @@
 the one training loop and evaluation over token blocks, the finite-loss check, text data, and run folders with their
 failure artifacts. Written once here; the recipes (``continual.recipes``) and the learner only call it."""
 
-from continual.training.environment import resolve_device, seed_everything
+from continual.training.environment import native_bf16, resolve_device, resolve_precision, seed_everything
 from continual.training.loop import (
     FINITE_CHECK_EVERY,
     BlockLoss,
@@ -34,7 +34,9 @@ __all__ = [
     "next_token_loss",
     "open_run_dir",
     "perplexity",
+    "native_bf16",
     "resolve_device",
+    "resolve_precision",
     "seed_everything",
     "set_trainable",
     "text_blocks",

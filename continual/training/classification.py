@@ -57,7 +57,7 @@ def build_parts(cfg: DictConfig, device: Optional[torch.device] = None) -> Class
     from continual.models.backbone import load_config as load_backbone_config
     from continual.models.classifier import ContinualClassifier
     from continual.models.label_word_classifier import build_label_word_classifier, check_causal_lm
-    from continual.training.environment import resolve_device, seed_everything
+    from continual.training.environment import resolve_device, resolve_precision, seed_everything
     from continual.training.routing import attach_router, make_router
     from continual.training.run_state import parameter_fingerprints
     from streams.avalanche import to_avalanche_benchmark
@@ -99,11 +99,14 @@ def build_parts(cfg: DictConfig, device: Optional[torch.device] = None) -> Class
             )
     if model is None:
         model = ContinualClassifier(backbone, [t.labels for t in tasks], head=cfg.backbone.head, pooling=cfg.backbone.pooling)
-    if cfg.training.precision != "fp32":
+    precision = resolve_precision(cfg.training.precision, device)
+    if precision != "fp32":
         if not hasattr(model, "compute_dtype"):
-            raise ConfigError(f"training.precision: {cfg.training.precision!r} is not supported by strategy "
-                              f"{cfg.strategy.name!r} (its model runs in float32 only); use training.precision=fp32")
-        model.compute_dtype = {"bf16": torch.bfloat16}[cfg.training.precision]
+            if cfg.training.precision != "auto":
+                raise ConfigError(f"training.precision: {precision!r} is not supported by strategy "
+                                  f"{cfg.strategy.name!r} (its model runs in float32 only); use training.precision=fp32")
+        else:
+            model.compute_dtype = {"bf16": torch.bfloat16}[precision]
     baseline = parameter_fingerprints(model)  # before the strategy touches it: setup is replayed on a rebuild
     strategy.setup(model, tasks)
     router = attach_router(model, router, cfg.router, cfg.strategy.name)  # None: the task id routes (oracle)

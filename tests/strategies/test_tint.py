@@ -148,3 +148,13 @@ def test_bf16_is_refused_by_tint_naming_the_key(tint_experiment):
 
     with pytest.raises(ConfigError, match="training.precision: 'bf16' is not supported by strategy 'tint'"):
         run_experiment(tint_experiment("training.precision=bf16"), echo=lambda *_: None)
+
+
+def test_auto_precision_leaves_tint_in_fp32(tint_experiment, monkeypatch):
+    """``training.precision=auto`` on a device with native bf16: TinT, which cannot autocast, runs in fp32."""
+    from continual.recipes.run import run_experiment
+    from continual.training import environment
+
+    monkeypatch.setattr(environment, "native_bf16", lambda device: True)
+    result = run_experiment(tint_experiment("training.precision=auto", "tracking.enabled=false"), echo=lambda *_: None)
+    assert result.matrix.shape == (2, 2)
