@@ -93,7 +93,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from continual.recipes.compare import load_compare_config, run_compare
 
     cfg = load_compare_config(resolve_config(args.config), overrides=args.overrides)
-    rows = run_compare(cfg, dry_run=args.dry_run, jobs=args.jobs)
+    rows = run_compare(cfg, dry_run=args.dry_run, jobs=args.jobs, threads=args.threads)
     return 1 if any(row["failed"] for row in rows) else 0
 
 
@@ -172,6 +172,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     compare.add_argument("overrides", nargs="*", help="e.g. seeds=[0,1] orders=[1] set=[training.device=cuda]")
     compare.add_argument("--dry-run", action="store_true", help="list the cells and which are done; run nothing")
     compare.add_argument("--jobs", type=int, default=1, help="cells run at once, as separate processes")
+    compare.add_argument("--threads", type=int, default=None,
+                         help="CPU threads per cell (default: the machine's cores split between the --jobs)")
     compare.set_defaults(func=cmd_compare)
     up = sub.add_parser("uptrain", help="convert a model to a recursive one, uptrain it on text and save it")
     up.add_argument("args", nargs="*", help="[CONFIG.yaml] then key=value overrides, e.g. training.steps=100")

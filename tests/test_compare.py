@@ -94,3 +94,23 @@ def test_overrides_the_cell_command_would_overwrite_are_refused(grid):
         grid([{"name": "ok"}], set=["training.epochs=1", "stream.order=2"])
     with pytest.raises(ConfigError, match=r"^runs.0.overrides.0: tracking.enabled is set .* `tracking.enabled`"):
         grid([{"name": "quiet", "overrides": ["tracking.enabled=false"]}])
+
+
+def test_threads_per_cell_reach_the_cells_and_bad_values_are_refused(grid, monkeypatch):
+    import subprocess
+
+    from continual.recipes import compare
+
+    seen, real = [], subprocess.Popen
+
+    def popen(command, **kwargs):
+        seen.append(kwargs["env"]["OMP_NUM_THREADS"])
+        return real(command, **kwargs)
+
+    monkeypatch.setattr(compare.subprocess, "Popen", popen)
+    cfg = grid([{"name": "full"}], seeds=[0])
+    with pytest.raises(ConfigError, match="--threads: must be >= 1, got 0"):
+        run_compare(cfg, threads=0, echo=lambda _: None)
+    assert seen == []
+    rows = run_compare(cfg, threads=1, echo=lambda _: None)
+    assert seen == ["1"] and rows[0]["cells"] == 1

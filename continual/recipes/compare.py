@@ -179,13 +179,14 @@ def cell_command(cell: Cell, cfg: DictConfig, cells_root: Path, parent_run_id: O
 
 
 def run_cells(todo: List[Cell], cfg: DictConfig, cells_root: Path, parent_run_id: Optional[str], jobs: int,
-              echo: Callable[[str], None]) -> None:
-    """Run the cells, ``jobs`` processes at a time, CPU threads split between them (one GPU each, round robin)."""
+              echo: Callable[[str], None], threads: Optional[int] = None) -> None:
+    """Run the cells, ``jobs`` processes at a time, CPU threads split between them unless ``threads`` (per cell)
+    says otherwise (one GPU each, round robin)."""
     from tqdm.auto import tqdm
 
     cells_dir = cells_root / cfg.name
     cells_dir.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     gpus = _gpu_count()
     pending, running = list(todo), []
     bar = tqdm(total=len(todo), desc="cells", unit="cell")
@@ -389,12 +390,14 @@ def save_compare(rows: List[Dict[str, Any]], cells: List[Cell], cfg: DictConfig,
 
 # ---------------------------------------------------------------------------------------------------- recipe
 def run_compare(cfg: DictConfig, dry_run: bool = False, jobs: int = 1,
-                echo: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+                echo: Callable[[str], None] = print, threads: Optional[int] = None) -> List[Dict[str, Any]]:
     """Plan, run (or reuse) every cell, then write and print the comparison; returns the table's rows."""
     from continual.tracking import ExperimentTracker
 
     if jobs < 1:
         raise ConfigError(f"--jobs: must be >= 1, got {jobs}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"--threads: must be >= 1, got {threads}")
     out = Path(cfg.output_dir) / cfg.name
     cells_root = out / "cells"
     cells = plan_cells(cfg, cells_root / cfg.name)
@@ -409,7 +412,7 @@ def run_compare(cfg: DictConfig, dry_run: bool = False, jobs: int = 1,
         tracker.log_params({"runs": ",".join(r.name for r in cfg.runs), "orders": list(cfg.orders),
                             "seeds": list(cfg.seeds), "set": list(cfg.set)})
         if todo:
-            run_cells(todo, cfg, cells_root, tracker.run_id, jobs, echo)
+            run_cells(todo, cfg, cells_root, tracker.run_id, jobs, echo, threads)
         rows = summarise(cells, [r.name for r in cfg.runs])
         for path in save_compare(rows, cells, cfg, out):
             tracker.log_artifact(path)
