@@ -96,3 +96,16 @@ def test_auto_resolves_per_device_and_the_run_is_tagged_with_what_ran(tiny_exper
     runs = client.search_runs([client.get_experiment_by_name("precision").experiment_id])
     assert {r.info.run_name: r.data.tags["precision"] for r in runs} == {"auto": "bf16", "plain": "fp32"}
 
+
+
+def test_a_saved_bf16_run_is_evaluated_and_answers_in_bf16(tiny_experiment):
+    from continual.recipes.saved import load_run
+
+    result = _run(tiny_experiment("strategy.name=delta", "strategy.kinds=[lora]", "router.name=prototype",
+                                  "training.precision=bf16", "tracking.enabled=false"))
+    loaded = load_run(result.output_dir)
+    assert loaded.model.compute_dtype == torch.bfloat16
+    accs = loaded.evaluate()
+    np.testing.assert_allclose([accs[name] for name in result.task_names], result.matrix[-1])
+    predictions = loaded.predict(["a fine film", "stocks fell on wall street"])
+    assert len(predictions) == 2 and all(0.0 < p.confidence <= 1.0 for p in predictions)
