@@ -62,9 +62,10 @@ def build(kind: str, backbone, device):
 
 
 def time_kind(kind: str, backbone, batches, args, device) -> Dict:
+    from continual.training.environment import PRECISION_DTYPES
+
     model, optimizer = build(kind, backbone, device)
     x, y = (t.to(device) for t in batches[0])
-    dtypes = {"fp32": None, "bf16": torch.bfloat16}
 
     def train(dtype):
         def run():
@@ -84,7 +85,7 @@ def time_kind(kind: str, backbone, batches, args, device) -> Dict:
         return lambda: call_round(run, args.steps, device)
 
     rounds = {f"{way}_{name}": (train if way == "train" else infer)(dtype)
-              for way in ("train", "infer") for name, dtype in dtypes.items()}
+              for way in ("train", "infer") for name, dtype in PRECISION_DTYPES.items()}
     times = {name: median(values) for name, values in alternate(rounds, args.warmup, args.repeats, kind).items()}
     model.eval()
     with torch.inference_mode():

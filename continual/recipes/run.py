@@ -161,7 +161,7 @@ def _run(cfg: DictConfig, echo: Callable[[str], None], parallel, resume: Optiona
             done = state.finished
     tags = {"stream": parts.stream.name, "strategy": cfg.strategy.name, "backbone": cfg.backbone.name,
             "seed": str(cfg.seed), "router": cfg.router.name,
-            "precision": "bf16" if getattr(parts.model, "compute_dtype", None) is not None else "fp32"}  # auto resolved
+            "precision": parts.precision}
     if cfg.tracking.parent_run_id:  # a cell of `continual compare`: nested under its parent run
         tags["mlflow.parentRunId"] = cfg.tracking.parent_run_id
 

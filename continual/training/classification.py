@@ -36,6 +36,7 @@ class ClassificationParts:
     train_exps: list = field(default_factory=list)
     test_exps: list = field(default_factory=list)
     baseline: dict = field(default_factory=dict)  # fingerprints of the freshly built model (run_state)
+    precision: str = "fp32"  # the arithmetic the model runs in ("auto" resolved for this device and model)
 
 
 @contextmanager
@@ -57,7 +58,7 @@ def build_parts(cfg: DictConfig, device: Optional[torch.device] = None) -> Class
     from continual.models.backbone import load_config as load_backbone_config
     from continual.models.classifier import ContinualClassifier
     from continual.models.label_word_classifier import build_label_word_classifier, check_causal_lm
-    from continual.training.environment import resolve_device, resolve_precision, seed_everything
+    from continual.training.environment import PRECISION_DTYPES, resolve_device, resolve_precision, seed_everything
     from continual.training.routing import attach_router, make_router
     from continual.training.run_state import parameter_fingerprints
     from streams.avalanche import to_avalanche_benchmark
@@ -100,13 +101,13 @@ def build_parts(cfg: DictConfig, device: Optional[torch.device] = None) -> Class
     if model is None:
         model = ContinualClassifier(backbone, [t.labels for t in tasks], head=cfg.backbone.head, pooling=cfg.backbone.pooling)
     precision = resolve_precision(cfg.training.precision, device)
-    if precision != "fp32":
-        if not hasattr(model, "compute_dtype"):
-            if cfg.training.precision != "auto":
-                raise ConfigError(f"training.precision: {precision!r} is not supported by strategy "
-                                  f"{cfg.strategy.name!r} (its model runs in float32 only); use training.precision=fp32")
-        else:
-            model.compute_dtype = {"bf16": torch.bfloat16}[precision]
+    if precision != "fp32" and not hasattr(model, "compute_dtype"):  # a model that cannot autocast (TinT)
+        if cfg.training.precision != "auto":
+            raise ConfigError(f"training.precision: {precision!r} is not supported by strategy "
+                              f"{cfg.strategy.name!r} (its model runs in float32 only); use training.precision=fp32")
+        precision = "fp32"
+    if hasattr(model, "compute_dtype"):
+        model.compute_dtype = PRECISION_DTYPES[precision]
     baseline = parameter_fingerprints(model)  # before the strategy touches it: setup is replayed on a rebuild
     strategy.setup(model, tasks)
     router = attach_router(model, router, cfg.router, cfg.strategy.name)  # None: the task id routes (oracle)
@@ -114,6 +115,7 @@ def build_parts(cfg: DictConfig, device: Optional[torch.device] = None) -> Class
     return ClassificationParts(
         cfg=cfg, device=device, strategy=strategy, router=router, tokenizer=tokenizer, stream=stream, tasks=tasks,
         model=model, train_exps=list(benchmark.train_stream), test_exps=list(benchmark.test_stream), baseline=baseline,
+        precision=precision,
     )
 
 

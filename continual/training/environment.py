@@ -24,6 +24,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 _NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+# The autocast dtype of each resolved ``training.precision`` (None: no autocast).
+PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def native_bf16(device: torch.device) -> bool:
