@@ -114,3 +114,30 @@ def test_threads_per_cell_reach_the_cells_and_bad_values_are_refused(grid, monke
     assert seen == []
     rows = run_compare(cfg, threads=1, echo=lambda _: None)
     assert seen == ["1"] and rows[0]["cells"] == 1
+
+
+def test_runs_of_a_group_are_alternatives_and_the_table_names_the_best(grid, tmp_path):
+    import math
+
+    from continual.recipes.compare import best_by_group, format_compare
+
+    cfg = grid([{"name": "lora_lr1e-3", "group": "lora"}, {"name": "lora_lr3e-3", "group": "lora"},
+                {"name": "full"}, {"name": "prompt_lr1e-2", "group": "prompt"},
+                {"name": "prompt_lr3e-2", "group": "prompt"}])
+
+    def row(run, acc, std=0.0):
+        numbers = {k: math.nan for k in ("acc", "bwt", "fwt", "forgetting", "acc_oracle", "routing_acc",
+                                         "trained_per_task", "stored_per_task", "stored_bytes", "wall_s", "peak_mb")}
+        numbers.update({f"{k}_std": math.nan for k in list(numbers)})
+        numbers.update(acc=acc, acc_std=std)
+        return {"run": run, "cells": 0 if math.isnan(acc) else 2, "failed": 0, "errors": [], **numbers}
+
+    rows = [row("lora_lr1e-3", 0.60, 0.01), row("lora_lr3e-3", 0.65, 0.02), row("full", 0.90),
+            row("prompt_lr1e-2", math.nan), row("prompt_lr3e-2", math.nan)]
+    best = best_by_group(rows, cfg)
+    assert [(b["group"], b["best"]) for b in best] == [("lora", "lora_lr3e-3"), ("prompt", None)]
+    assert best[0]["runs"] == {"lora_lr1e-3": 0.60, "lora_lr3e-3": 0.65}  # the ungrouped run never competes
+    table = format_compare(rows, cfg)
+    assert "| lora | lora_lr3e-3 | 65.00 ± 2.00 | lora_lr1e-3 60.00, lora_lr3e-3 65.00 |" in table
+    assert "| prompt | - (no finished cell) | - | prompt_lr1e-2 -, prompt_lr3e-2 - |" in table
+    assert "Best run of each group" not in format_compare(rows, grid([{"name": "full"}]))

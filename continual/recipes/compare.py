@@ -35,6 +35,9 @@ class CompareRun:
     preset: Optional[str] = None
     # key=value overrides of this run, on top of the preset.
     overrides: List[str] = field(default_factory=list)
+    # Runs sharing a group are alternatives of one method (its learning rates, say): the table adds the best run of
+    # each group by mean ACC. Empty: the run is in no group.
+    group: Optional[str] = None
 
 
 @dataclass
@@ -330,7 +333,35 @@ def format_compare(rows: List[Dict[str, Any]], cfg: DictConfig) -> str:
     errors = [f"- {r['run']}: {e}" for r in rows for e in r["errors"]]
     if errors:
         lines += ["", "Failed cells:"] + errors
+    best = best_by_group(rows, cfg)
+    if best:
+        lines += ["", "Best run of each group (highest mean ACC over its finished cells):", "",
+                  "| group | best run | ACC | every run of the group: ACC |", "|---|---|---|---|"]
+        for b in best:
+            choices = ", ".join(f"{run} {'-' if math.isnan(acc) else f'{100 * acc:.2f}'}"
+                                for run, acc in b["runs"].items())
+            lines.append(f"| {b['group']} | {b['best'] or '- (no finished cell)'} | {_pp(b['acc'], b['acc_std'])} "
+                         f"| {choices} |")
     return "\n".join(lines)
+
+
+def best_by_group(rows: List[Dict[str, Any]], cfg: DictConfig) -> List[Dict[str, Any]]:
+    """For each ``group`` of the config's runs (in order of first appearance): the run with the highest mean ACC
+    (the first of equals; None when no run of the group finished a cell) and every run's mean ACC."""
+    by_run = {r["run"]: r for r in rows}
+    groups: Dict[str, List[str]] = {}
+    for run in cfg.runs:
+        if run.get("group"):
+            groups.setdefault(run.group, []).append(run.name)
+    best = []
+    for group, names in groups.items():
+        scored = [n for n in names if n in by_run and not math.isnan(by_run[n]["acc"])]
+        top = max(scored, key=lambda n: by_run[n]["acc"], default=None)
+        best.append({"group": group, "best": top,
+                     "acc": by_run[top]["acc"] if top else math.nan,
+                     "acc_std": by_run[top]["acc_std"] if top else math.nan,
+                     "runs": {n: by_run[n]["acc"] if n in by_run else math.nan for n in names}})
+    return best
 
 
 def published_block(path: Optional[str]) -> str:
@@ -381,7 +412,8 @@ def save_compare(rows: List[Dict[str, Any]], cells: List[Cell], cfg: DictConfig,
         for r in rows:
             writer.writerow([r[k] for k in keys])
     (out / "compare.json").write_text(json.dumps(json_ready(
-        {"name": cfg.name, "orders": list(cfg.orders), "seeds": list(cfg.seeds), "rows": rows}), indent=2) + "\n")
+        {"name": cfg.name, "orders": list(cfg.orders), "seeds": list(cfg.seeds), "rows": rows,
+         "best_by_group": best_by_group(rows, cfg)}), indent=2) + "\n")
     (out / "cells.json").write_text(json.dumps([
         {"id": c.id, "run": c.run, "order": c.order, "seed": c.seed, "status": c.status, "error": c.error,
          "folder": str(c.folder) if c.folder else None, "overrides": c.overrides} for c in cells], indent=2) + "\n")
