@@ -141,3 +141,14 @@ def test_runs_of_a_group_are_alternatives_and_the_table_names_the_best(grid, tmp
     assert "| lora | lora_lr3e-3 | 65.00 ± 2.00 | lora_lr1e-3 60.00, lora_lr3e-3 65.00 |" in table
     assert "| prompt | - (no finished cell) | - | prompt_lr1e-2 -, prompt_lr3e-2 - |" in table
     assert "Best run of each group" not in format_compare(rows, grid([{"name": "full"}]))
+
+
+def test_cells_run_breadth_first_so_a_stopped_grid_has_every_run_on_the_same_cells(grid, tmp_path):
+    from continual.recipes.compare import breadth_first, plan_cells
+
+    cfg = grid([{"name": "full"}, {"name": "lora", "overrides": ["strategy.name=delta", "strategy.kinds=[lora]"]}],
+               orders=[1, 2])
+    cells = plan_cells(cfg, tmp_path / "none")
+    assert [c.id for c in cells][:2] == ["full-o1-s0", "full-o1-s1"]  # listed run by run
+    assert [c.id for c in breadth_first(cells, cfg)] == [
+        "full-o1-s0", "lora-o1-s0", "full-o2-s0", "lora-o2-s0", "full-o1-s1", "lora-o1-s1", "full-o2-s1", "lora-o2-s1"]

@@ -170,6 +170,14 @@ def finished(cells_dir: Path, cell_id: str):
     return (best[1], best[2]) if best else (None, {})
 
 
+def breadth_first(cells: List[Cell], cfg: DictConfig) -> List[Cell]:
+    """The cells in the order they run: every run on the first seed and order, then every run on the next order,
+    and so on, so that a grid stopped part-way has its runs measured on the same orders and seeds."""
+    runs = [r.name for r in cfg.runs]
+    return sorted(cells, key=lambda c: (list(cfg.seeds).index(c.seed), list(cfg.orders).index(c.order),
+                                        runs.index(c.run)))
+
+
 def cell_command(cell: Cell, cfg: DictConfig, cells_root: Path, parent_run_id: Optional[str]) -> List[str]:
     tracking = [f"tracking.enabled={str(cfg.tracking.enabled).lower()}"]
     if cfg.tracking.uri:
@@ -433,7 +441,7 @@ def run_compare(cfg: DictConfig, dry_run: bool = False, jobs: int = 1,
     out = Path(cfg.output_dir) / cfg.name
     cells_root = out / "cells"
     cells = plan_cells(cfg, cells_root / cfg.name)
-    todo = [c for c in cells if c.status != "done"]
+    todo = breadth_first([c for c in cells if c.status != "done"], cfg)
     echo(f"compare {cfg.name!r}: {len(cells)} cells ({len(cells) - len(todo)} done, {len(todo)} to run) -> {out}")
     if dry_run:
         for cell in cells:
