@@ -152,3 +152,26 @@ def test_cells_run_breadth_first_so_a_stopped_grid_has_every_run_on_the_same_cel
     assert [c.id for c in cells][:2] == ["full-o1-s0", "full-o1-s1"]  # listed run by run
     assert [c.id for c in breadth_first(cells, cfg)] == [
         "full-o1-s0", "lora-o1-s0", "full-o2-s0", "lora-o2-s0", "full-o1-s1", "lora-o1-s1", "full-o2-s1", "lora-o2-s1"]
+
+
+def test_a_finished_cell_is_reused_only_while_its_settings_are_unchanged(grid, tmp_path):
+    first = grid([{"name": "full"}], seeds=[0])
+    assert run_compare(first, echo=lambda _: None)[0]["cells"] == 1
+    cells = tmp_path / "outputs" / "tiny" / "cells" / "tiny"
+
+    # The preset's rate changes: the cell is stale, says what changed, and runs again into a new folder.
+    changed = grid([{"name": "full", "overrides": ["training.lr=2e-3"]}], seeds=[0])
+    dry = []
+    run_compare(changed, dry_run=True, echo=dry.append)
+    assert dry[0].startswith("compare 'tiny': 1 cells (0 done, 1 to run, 1 of them finished with other settings)")
+    assert "stale" in dry[1] and "training.lr: 0.001 -> 0.002" in dry[1]
+    lines = []
+    assert run_compare(changed, echo=lines.append)[0]["cells"] == 1
+    assert (cells / "full-o1-s0-2" / "summary.json").is_file()
+    assert json.loads((tmp_path / "outputs" / "tiny" / "cells.json").read_text())[0]["folder"].endswith("full-o1-s0-2")
+
+    # Back to the first settings: the first folder matches again and is reused; where and how a cell reports is not a
+    # setting that makes it stale.
+    again = []
+    run_compare(grid([{"name": "full"}], seeds=[0]), dry_run=True, echo=again.append)
+    assert again[0].startswith("compare 'tiny': 1 cells (1 done, 0 to run)") and again[1].rstrip().endswith("full-o1-s0")

@@ -3,9 +3,11 @@
 
 Run: ``continual compare CONFIG.yaml [key=value ...] [--dry-run] [--jobs N]`` (presets in ``configs/compare/``).
 
-Cells already finished (a ``summary.json`` not marked failed in the cell's folder) are reused, so an interrupted
-grid continues where it stopped; a failed cell is recorded with its error and the others still run. Every cell's
-config is loaded and checked before the first one starts, so a typo fails at once, naming the run and the key.
+Cells already finished (a ``summary.json`` not marked failed in the cell's folder, and a saved config equal to the
+cell's as it would run now, but for where it writes and reports) are reused, so an interrupted grid continues where it
+stopped, and a cell whose settings changed since (a preset's learning rate, say) runs again; a failed cell is
+recorded with its error and the others still run. Every cell's config is loaded and checked before the first one
+starts, so a typo fails at once, naming the run and the key.
 """
 
 from __future__ import annotations
@@ -117,10 +119,14 @@ class Cell:
     seed: int
     preset: Path
     overrides: List[str]
-    status: str = "todo"  # "done" (reused or finished), "failed", "todo"
+    status: str = "todo"  # "done" (reused or finished), "failed", "stale" (finished under another config), "todo"
     folder: Optional[Path] = None
     error: str = ""
     summary: Dict[str, Any] = field(default_factory=dict)
+    # The cell's config as it would run now, flattened (see settings); a finished folder is reused only if it matches.
+    settings: Dict[str, Any] = field(default_factory=dict)
+    # With status "stale": the keys whose values differ from the newest finished folder's, as (now, then).
+    changed: Dict[str, Any] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -141,33 +147,62 @@ def plan_cells(cfg: DictConfig, cells_dir: Path) -> List[Cell]:
                 overrides = list(cfg.set) + list(run.overrides) + [f"stream.order={order}", f"seed={seed}"]
                 if cfg.stream:
                     overrides.insert(0, f"stream.name={cfg.stream}")
-                cell = Cell(run.name, order, seed, preset, overrides)
                 try:
-                    load_run_config(preset, overrides)
+                    settings = cell_settings(load_run_config(preset, overrides))
                 except ConfigError as err:
                     raise ConfigError(f"run {run.name!r} (order {order}, seed {seed}, preset {preset}): {err}") from err
-                cell.folder, cell.summary = finished(cells_dir, cell.id)
-                cell.status = "done" if cell.folder is not None else "todo"
+                cell = Cell(run.name, order, seed, preset, overrides, settings=settings)
+                cell.folder, cell.summary, cell.changed = finished(cells_dir, cell.id, settings)
+                cell.status = "done" if cell.folder is not None else "stale" if cell.changed else "todo"
                 cells.append(cell)
     return cells
 
 
-def finished(cells_dir: Path, cell_id: str):
-    """(folder, summary) of the newest finished run of a cell (``<id>``, ``<id>-2``...), or (None, {})."""
-    candidates = [p for p in cells_dir.glob(f"{cell_id}*") if p.name == cell_id or p.name.startswith(f"{cell_id}-")]
-    best = None
-    for folder in candidates:
-        summary_file = folder / "summary.json"
+# Keys that name where a cell writes or how it reports, not what it measures: a finished cell is reused whatever
+# they were (the comparison sets them per cell).
+NOT_COMPARED = ("tracking.", "training.progress")
+
+
+def cell_settings(cfg: DictConfig) -> Dict[str, Any]:
+    """A run config as flat ``key: value`` pairs, without the keys in ``NOT_COMPARED``."""
+    flat: Dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return {k: v for k, v in flat.items() if not k.startswith(NOT_COMPARED)}
+
+
+def finished(cells_dir: Path, cell_id: str, settings: Optional[Dict[str, Any]] = None):
+    """(folder, summary, changed) for a cell's finished runs (``<id>``, ``<id>-2``...): the newest whose saved
+    config matches ``settings`` (any, when None), else (None, {}, changed) where ``changed`` holds the keys in which
+    the newest finished run differs, each as (now, then); (None, {}, {}) when none finished."""
+    candidates = []
+    for folder in cells_dir.glob(f"{cell_id}*"):
         suffix = folder.name[len(cell_id):]
-        if not summary_file.is_file() or (suffix and not suffix[1:].isdigit()):
+        if not (folder / "summary.json").is_file() or (suffix and not (suffix[0] == "-" and suffix[1:].isdigit())):
             continue
-        payload = json.loads(summary_file.read_text())
+        candidates.append((int(suffix[1:]) if suffix else 1, folder))
+    changed: Dict[str, Any] = {}
+    for _, folder in sorted(candidates, key=lambda c: c[0], reverse=True):
+        payload = json.loads((folder / "summary.json").read_text())
         if payload.get("extra", {}).get("failed"):
             continue
-        rank = int(suffix[1:]) if suffix else 1
-        if best is None or rank > best[0]:
-            best = (rank, folder, payload)
-    return (best[1], best[2]) if best else (None, {})
+        if settings is not None:
+            saved = folder / "config.yaml"
+            then = cell_settings(OmegaConf.load(saved)) if saved.is_file() else {}
+            diff = {k: (settings.get(k), then.get(k)) for k in sorted(set(settings) | set(then))
+                    if settings.get(k) != then.get(k)}
+            if diff:
+                changed = changed or diff
+                continue
+        return folder, payload, {}
+    return None, {}, changed
 
 
 def breadth_first(cells: List[Cell], cfg: DictConfig) -> List[Cell]:
@@ -220,7 +255,7 @@ def run_cells(todo: List[Cell], cfg: DictConfig, cells_root: Path, parent_run_id
                 continue
             running.remove(item)
             log.close()
-            cell.folder, cell.summary = finished(cells_dir, cell.id)
+            cell.folder, cell.summary, cell.changed = finished(cells_dir, cell.id, cell.settings or None)
             if process.returncode == 0 and cell.folder is not None:
                 cell.status = "done"
             else:
@@ -442,10 +477,14 @@ def run_compare(cfg: DictConfig, dry_run: bool = False, jobs: int = 1,
     cells_root = out / "cells"
     cells = plan_cells(cfg, cells_root / cfg.name)
     todo = breadth_first([c for c in cells if c.status != "done"], cfg)
-    echo(f"compare {cfg.name!r}: {len(cells)} cells ({len(cells) - len(todo)} done, {len(todo)} to run) -> {out}")
+    stale = sum(c.status == "stale" for c in cells)
+    echo(f"compare {cfg.name!r}: {len(cells)} cells ({len(cells) - len(todo)} done, {len(todo)} to run"
+         + (f", {stale} of them finished with other settings" if stale else "") + f") -> {out}")
     if dry_run:
         for cell in cells:
-            echo(f"  {cell.id:40s} {cell.status:5s} {cell.folder or ''}")
+            changed = ", ".join(f"{k}: {then!r} -> {now!r}" for k, (now, then) in cell.changed.items())
+            echo(f"  {cell.id:40s} {cell.status:5s} {cell.folder or ''}" + (
+                f"(finished with other settings, runs again: {changed})" if cell.status == "stale" else ""))
         return []
     with ExperimentTracker(cfg.name, f"compare-{cfg.name}", uri=cfg.tracking.uri, enabled=cfg.tracking.enabled,
                            tags={"kind": "compare"}) as tracker:
