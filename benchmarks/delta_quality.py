@@ -11,8 +11,8 @@ is a ``continual run`` in its own process, and ``OUT`` gets compare's ``compare.
 ACC, BWT, FWT, forgetting, parameters and wall time per run), ``compare.csv``, ``compare.json``, ``cells.json``, the
 plots and every cell's run folder under ``cells/``. ``--json PATH`` copies ``compare.json`` (one row per run) to
 PATH. A failed cell is reported and the others still run; the exit status is then 1 (2 for a bad preset or override,
-before anything runs). Finished cells are reused when the same ``--out`` is run again, matched by run name only: use
-a fresh ``--out`` after changing a preset or an override.
+before anything runs). Finished cells are reused when the same ``--out`` is run again while their settings are
+unchanged; a cell whose preset or overrides changed since runs again (compare's ``stale``).
 """
 
 from __future__ import annotations
