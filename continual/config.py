@@ -36,7 +36,9 @@ class StreamConfig:
     # Training cap per class and test cap per task (None = everything); sampled with `seed`.
     train_per_class: Optional[int] = None
     test_per_task: Optional[int] = None
-    # Split used for evaluation: "test" or "dev".
+    # Split used for evaluation: "test", "dev", or "heldout": rows of the training file that were not drawn for
+    # training (stratified, test_per_task of them; needs train_per_class), for searches that must leave dev and test
+    # unseen. In the CL_Benchmark copies dev.json is test.json, so "dev" scores there are test scores.
     eval_split: str = "test"
     # Rows whose label is not in labels.json fail loading unless this is true (then they are skipped and reported).
     skip_unknown_labels: bool = False
@@ -153,7 +155,7 @@ _CHOICES = {
     "backbone.label_space": ("task", "seen"),
     "backbone.pooling": ("mean", "cls", "last"),
     "training.optimizer": ("adamw", "sgd"),
-    "stream.eval_split": ("test", "dev"),
+    "stream.eval_split": ("test", "dev", "heldout"),
     "training.eval_tasks": ("all", "seen"),
     "training.precision": ("fp32", "bf16", "auto"),
 }

@@ -16,7 +16,7 @@ from streams.data import TaskData, TaskInfo
 from streams.errors import StreamError, TaskNotFoundError
 from streams.huggingface import hf_ids_for, is_hf_task, load_hf_task
 from streams.orders import resolve_order, resolve_task_names
-from streams.sampling import cap_per_class, cap_total
+from streams.sampling import cap_per_class, cap_total, split_per_class
 from streams.tokenize import default_cache_dir, tokenize_split
 
 
@@ -41,8 +41,16 @@ class Stream:
         return [task.info for task in self.tasks]
 
 
+# stream.eval_split=heldout: evaluation rows come from the training file, from the rows not drawn for training.
+HELDOUT = "heldout"
+
+
 def load_task(name: str, root: Optional[Path], eval_split: str, skip_unknown_labels: bool) -> TaskData:
-    """Load one task: ``hf:<id>`` from the Hub, anything else from the CL_Benchmark folder ``root``."""
+    """Load one task: ``hf:<id>`` from the Hub, anything else from the CL_Benchmark folder ``root``. With
+    ``eval_split="heldout"`` the evaluation split is the training split itself (:func:`_capped` keeps the two apart)."""
+    if eval_split == HELDOUT:
+        data = load_task(name, root, "train", skip_unknown_labels)
+        return dataclasses.replace(data, test=data.train)
     if is_hf_task(name):
         return load_hf_task(name, eval_split, skip_unknown_labels=skip_unknown_labels)
     if root is None:
@@ -75,8 +83,15 @@ def _capped(name: str, data: TaskData, eval_split: str, train_per_class: Optiona
         if len(split) == 0:
             skipped = f" ({sum(data.skipped.values())} rows skipped for unknown labels)" if data.skipped else ""
             raise StreamError(f"task {name!r}: the {split_name} split of {data.source} has no rows{skipped}")
-    train = cap_per_class(data.train, train_per_class, seed)
-    test = cap_total(data.test, test_per_task, seed)
+    if eval_split == HELDOUT:
+        if train_per_class is None:
+            raise StreamError(f"task {name!r}: stream.eval_split=heldout evaluates on training rows left out of "
+                              "training, so it needs stream.train_per_class set (with none, every row trains)")
+        train, rest = split_per_class(data.train, train_per_class, seed)
+        test = cap_total(rest, test_per_task, seed)
+    else:
+        train = cap_per_class(data.train, train_per_class, seed)
+        test = cap_total(data.test, test_per_task, seed)
     for split_name, split, cap in (("train", train, f"train_per_class={train_per_class}"),
                                    (eval_split, test, f"test_per_task={test_per_task}")):
         if len(split) == 0:

@@ -237,7 +237,7 @@ def load_cl_task(root: Path, name: str, eval_split: str = "test", skip_unknown_l
     Args:
         root: the layout's root folder.
         name: task name, found with :func:`find_task_dir`.
-        eval_split: the split file used for evaluation (``test`` or ``dev``).
+        eval_split: the split file used for evaluation (``test`` or ``dev``; a warning when dev is a copy of test).
         skip_unknown_labels: skip (and report with a warning) rows whose label is not in labels.json instead of
             failing.
 
@@ -246,6 +246,12 @@ def load_cl_task(root: Path, name: str, eval_split: str = "test", skip_unknown_l
     """
     task_dir = find_task_dir(Path(root), name)
     labels = read_labels(task_dir / "labels.json")
+    if eval_split == "dev":
+        dev, test = split_file(task_dir, "dev"), split_file(task_dir, "test")
+        if dev.is_file() and test.is_file() and dev.read_bytes() == test.read_bytes():
+            warnings.warn(f"{dev} is identical to {test}: scores on stream.eval_split=dev are test scores; "
+                          "stream.eval_split=heldout evaluates on training rows left out of training instead",
+                          stacklevel=2)
     skipped: Dict[str, int] = {}
     splits = {}
     for split in ("train", eval_split):

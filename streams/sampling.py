@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from streams.data import TaskSplit
 
@@ -20,22 +20,34 @@ def _by_class(split: TaskSplit) -> Dict[int, List[int]]:
     return dict(sorted(rows.items()))
 
 
-def _draw(split: TaskSplit, quotas: Dict[int, int], seed: int) -> TaskSplit:
+def _draw_rows(split: TaskSplit, quotas: Dict[int, int], seed: int) -> List[int]:
     rng = random.Random(seed)
     keep: List[int] = []
     for label, rows in _by_class(split).items():
         quota = quotas.get(label, 0)
         keep.extend(rows if quota >= len(rows) else rng.sample(rows, quota))
-    return split.subset(sorted(keep))
+    return sorted(keep)
+
+
+def _draw(split: TaskSplit, quotas: Dict[int, int], seed: int) -> TaskSplit:
+    return split.subset(_draw_rows(split, quotas, seed))
 
 
 def cap_per_class(split: TaskSplit, n: Optional[int], seed: int) -> TaskSplit:
     """At most ``n`` rows of each class, drawn at random with ``seed``; ``None`` keeps everything."""
+    return split_per_class(split, n, seed)[0]
+
+
+def split_per_class(split: TaskSplit, n: Optional[int], seed: int) -> Tuple[TaskSplit, TaskSplit]:
+    """(the rows :func:`cap_per_class` keeps, every other row), both in their original order: the second is what a
+    held-out evaluation may draw from without touching a training row."""
     if n is None:
-        return split
+        return split, split.subset([])
     if n < 0:
         raise ValueError(f"cap_per_class: n must be >= 0 or None, got {n}")
-    return _draw(split, {label: n for label in _by_class(split)}, seed)
+    keep = _draw_rows(split, {label: n for label in _by_class(split)}, seed)
+    kept = set(keep)
+    return split.subset(keep), split.subset([i for i in range(len(split)) if i not in kept])
 
 
 def cap_total(split: TaskSplit, n: Optional[int], seed: int) -> TaskSplit:

@@ -144,3 +144,27 @@ def test_unknown_stream_or_order(tmp_path, tokenizer):
         build_stream(config(tmp_path, tmp_path, name="long", order=7), tokenizer, progress=False)
     with pytest.raises(StreamError, match="stream.tasks"):
         build_stream(config(tmp_path, tmp_path, name="custom"), tokenizer, progress=False)
+
+
+def test_heldout_evaluates_on_training_rows_never_drawn_for_training(cl_root, tmp_path, tokenizer):
+    cfg = config(cl_root, tmp_path, tasks=["agnews", "sst-2"], train_per_class=5, test_per_task=40,
+                 eval_split="heldout")
+    stream = build_stream(cfg, tokenizer, progress=False)
+    for task in stream.tasks:
+        train, held = task.data.train, task.data.test
+        assert len(train) == 5 * len(task.info.labels) and len(held) == 40
+        assert not set(train.texts) & set(held.texts)  # no training row is evaluated
+        assert len(set(held.labels)) == len(task.info.labels)  # stratified over the classes
+    full = load_cl_task_texts(cl_root, "agnews")
+    assert set(stream.tasks[0].data.test.texts) <= full  # drawn from train.json, not test.json
+    again = build_stream(cfg, tokenizer, progress=False)
+    assert again.tasks[0].data.test.texts == stream.tasks[0].data.test.texts  # seeded
+    with pytest.raises(StreamError, match=r"'agnews'.*heldout .* needs stream.train_per_class"):
+        build_stream(config(cl_root, tmp_path, tasks=["agnews"], train_per_class=None, eval_split="heldout"),
+                     tokenizer, progress=False)
+
+
+def load_cl_task_texts(root, name):
+    from streams.cl_benchmark import load_cl_task
+
+    return set(load_cl_task(root, name).train.texts)

@@ -88,7 +88,8 @@ def test_load_real_agnews(cl_root):
     assert set(task.train.labels) == {0, 1, 2, 3}
     assert task.train.texts[0].startswith("Title: ")
     assert task.skipped == {}
-    dev = load_cl_task(cl_root, "TC/agnews", eval_split="dev")
+    with pytest.warns(UserWarning, match=r"dev.json is identical to .*test.json: .* stream.eval_split=heldout"):
+        dev = load_cl_task(cl_root, "TC/agnews", eval_split="dev")
     assert dev.test.texts == task.test.texts  # dev.json is a copy of test.json in this benchmark
 
 
