@@ -199,6 +199,10 @@ def load_hf_task(
         )
     entry = HF_TASKS[hf_id]
     split_name = {"test": entry.eval_split, "dev": entry.dev_split or entry.eval_split}.get(eval_split, eval_split)
+    if eval_split == "dev" and entry.dev_split is None:
+        warnings.warn(f"{PREFIX}{hf_id} has no dev split of its own: stream.eval_split=dev evaluates on "
+                      f"{entry.eval_split!r}, its test split; stream.eval_split=heldout evaluates on training rows "
+                      "left out of training instead", stacklevel=2)
 
     import datasets
 

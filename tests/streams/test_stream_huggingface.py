@@ -139,3 +139,13 @@ def test_export_rejects_paths_as_names(tmp_path, group, name):
     task = TaskData("t", "memory", ("a",), TaskSplit(["x"], [0]), TaskSplit(["y"], [0]), {})
     with pytest.raises(StreamError, match="single folder name"):
         export_to_cl_layout(task, tmp_path, group, name=name)
+
+
+def test_dev_on_a_dataset_without_a_dev_split_warns_that_it_is_the_test_split(monkeypatch):
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["negative", "positive"])})
+    split = datasets.Dataset.from_dict({"sentence": ["good", "bad"], "label": [1, 0]}, features=features)
+    fake_hub(monkeypatch, datasets.DatasetDict({"train": split, "validation": split}))
+    with pytest.warns(UserWarning, match=r"hf:glue/sst2 has no dev split .* 'validation', its test split; .*heldout"):
+        task = load_hf_task("hf:glue/sst2", "dev")
+    assert task.test.texts == load_hf_task("hf:glue/sst2", "test").test.texts
