@@ -47,10 +47,8 @@ HELDOUT = "heldout"
 
 def load_task(name: str, root: Optional[Path], eval_split: str, skip_unknown_labels: bool) -> TaskData:
     """Load one task: ``hf:<id>`` from the Hub, anything else from the CL_Benchmark folder ``root``. With
-    ``eval_split="heldout"`` the evaluation split is the training split itself (:func:`_capped` keeps the two apart)."""
-    if eval_split == HELDOUT:
-        data = load_task(name, root, "train", skip_unknown_labels)
-        return dataclasses.replace(data, test=data.train)
+    ``eval_split="heldout"`` both loaders return the training split as the evaluation split (:func:`_capped` keeps
+    the two apart)."""
     if is_hf_task(name):
         return load_hf_task(name, eval_split, skip_unknown_labels=skip_unknown_labels)
     if root is None:

@@ -237,7 +237,8 @@ def load_cl_task(root: Path, name: str, eval_split: str = "test", skip_unknown_l
     Args:
         root: the layout's root folder.
         name: task name, found with :func:`find_task_dir`.
-        eval_split: the split file used for evaluation (``test`` or ``dev``; a warning when dev is a copy of test).
+        eval_split: the split file used for evaluation (``test`` or ``dev``; a warning when dev is a copy of test),
+            or ``heldout``: the training file.
         skip_unknown_labels: skip (and report with a warning) rows whose label is not in labels.json instead of
             failing.
 
@@ -248,13 +249,15 @@ def load_cl_task(root: Path, name: str, eval_split: str = "test", skip_unknown_l
     labels = read_labels(task_dir / "labels.json")
     if eval_split == "dev":
         dev, test = split_file(task_dir, "dev"), split_file(task_dir, "test")
-        if dev.is_file() and test.is_file() and dev.read_bytes() == test.read_bytes():
+        if (dev.is_file() and test.is_file() and dev.stat().st_size == test.stat().st_size
+                and dev.read_bytes() == test.read_bytes()):
             warnings.warn(f"{dev} is identical to {test}: scores on stream.eval_split=dev are test scores; "
                           "stream.eval_split=heldout evaluates on training rows left out of training instead",
                           stacklevel=2)
     skipped: Dict[str, int] = {}
     splits = {}
-    for split in ("train", eval_split):
+    eval_split = "train" if eval_split == "heldout" else eval_split  # rows of the training file, kept apart later
+    for split in dict.fromkeys(("train", eval_split)):  # each file read once
         path = split_file(task_dir, split)
         splits[split], n = read_split(path, labels, skip_unknown_labels)
         if n:

@@ -182,7 +182,8 @@ def load_hf_task(
 
     Args:
         spec: ``hf:<id>``, e.g. ``hf:ag_news`` or ``hf:glue/sst2`` (the prefix may be left out).
-        eval_split: ``test`` (the table's evaluation split), ``dev`` (its dev split), or a literal split name.
+        eval_split: ``test`` (the table's evaluation split), ``dev`` (its dev split), ``heldout`` (its training
+            split), or a literal split name.
         skip_unknown_labels: skip (with a warning) rows without a valid label (-1 in GLUE test splits) instead
             of failing.
         cache_dir: ``datasets`` cache folder (default: the Hugging Face cache).
@@ -198,7 +199,8 @@ def load_hf_task(
             "for another dataset export it to the CL_Benchmark layout and load it as a folder"
         )
     entry = HF_TASKS[hf_id]
-    split_name = {"test": entry.eval_split, "dev": entry.dev_split or entry.eval_split}.get(eval_split, eval_split)
+    split_name = {"test": entry.eval_split, "dev": entry.dev_split or entry.eval_split,
+                  "heldout": entry.train_split}.get(eval_split, eval_split)
     if eval_split == "dev" and entry.dev_split is None:
         warnings.warn(f"{PREFIX}{hf_id} has no dev split of its own: stream.eval_split=dev evaluates on "
                       f"{entry.eval_split!r}, its test split; stream.eval_split=heldout evaluates on training rows "
@@ -229,7 +231,7 @@ def load_hf_task(
         )
     skipped: Dict[str, int] = {}
     splits = {}
-    for split in (entry.train_split, split_name):
+    for split in dict.fromkeys((entry.train_split, split_name)):  # each split converted once
         splits[split], n = _to_split(loaded[split], entry, len(names), f"{PREFIX}{hf_id}/{split}", skip_unknown_labels)
         if n:
             skipped[f"{PREFIX}{hf_id}/{split}"] = n

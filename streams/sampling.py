@@ -33,9 +33,15 @@ def _draw(split: TaskSplit, quotas: Dict[int, int], seed: int) -> TaskSplit:
     return split.subset(_draw_rows(split, quotas, seed))
 
 
+def _per_class_rows(split: TaskSplit, n: int, seed: int) -> List[int]:
+    if n < 0:
+        raise ValueError(f"cap_per_class: n must be >= 0 or None, got {n}")
+    return _draw_rows(split, {label: n for label in _by_class(split)}, seed)
+
+
 def cap_per_class(split: TaskSplit, n: Optional[int], seed: int) -> TaskSplit:
     """At most ``n`` rows of each class, drawn at random with ``seed``; ``None`` keeps everything."""
-    return split_per_class(split, n, seed)[0]
+    return split if n is None else split.subset(_per_class_rows(split, n, seed))
 
 
 def split_per_class(split: TaskSplit, n: Optional[int], seed: int) -> Tuple[TaskSplit, TaskSplit]:
@@ -43,9 +49,7 @@ def split_per_class(split: TaskSplit, n: Optional[int], seed: int) -> Tuple[Task
     held-out evaluation may draw from without touching a training row."""
     if n is None:
         return split, split.subset([])
-    if n < 0:
-        raise ValueError(f"cap_per_class: n must be >= 0 or None, got {n}")
-    keep = _draw_rows(split, {label: n for label in _by_class(split)}, seed)
+    keep = _per_class_rows(split, n, seed)
     kept = set(keep)
     return split.subset(keep), split.subset([i for i in range(len(split)) if i not in kept])
 

@@ -25,8 +25,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from continual.config import ConfigError, TrackingConfig, check_folder_name, merge_layers, read_layers
+from continual.config import ConfigError, TrackingConfig, check_folder_name, flatten, merge_layers, read_layers
 from continual.training.experiment import load_run_config, resolve_preset
+from continual.training.run_state import config_changes
 
 
 @dataclass
@@ -123,7 +124,8 @@ class Cell:
     folder: Optional[Path] = None
     error: str = ""
     summary: Dict[str, Any] = field(default_factory=dict)
-    # The cell's config as it would run now, flattened (see settings); a finished folder is reused only if it matches.
+    # The cell's config as it would run now, flattened; a finished folder is reused only if its config matches
+    # (but for NOT_COMPARED).
     settings: Dict[str, Any] = field(default_factory=dict)
     # With status "stale": the keys whose values differ from the newest finished folder's, as (now, then).
     changed: Dict[str, Any] = field(default_factory=dict)
@@ -148,7 +150,7 @@ def plan_cells(cfg: DictConfig, cells_dir: Path) -> List[Cell]:
                 if cfg.stream:
                     overrides.insert(0, f"stream.name={cfg.stream}")
                 try:
-                    settings = cell_settings(load_run_config(preset, overrides))
+                    settings = flatten(load_run_config(preset, overrides))
                 except ConfigError as err:
                     raise ConfigError(f"run {run.name!r} (order {order}, seed {seed}, preset {preset}): {err}") from err
                 cell = Cell(run.name, order, seed, preset, overrides, settings=settings)
@@ -161,21 +163,6 @@ def plan_cells(cfg: DictConfig, cells_dir: Path) -> List[Cell]:
 # Keys that name where a cell writes or how it reports, not what it measures: a finished cell is reused whatever
 # they were (the comparison sets them per cell).
 NOT_COMPARED = ("tracking.", "training.progress")
-
-
-def cell_settings(cfg: DictConfig) -> Dict[str, Any]:
-    """A run config as flat ``key: value`` pairs, without the keys in ``NOT_COMPARED``."""
-    flat: Dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict) and node:
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            flat[prefix[:-1]] = node
-
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
-    return {k: v for k, v in flat.items() if not k.startswith(NOT_COMPARED)}
 
 
 def finished(cells_dir: Path, cell_id: str, settings: Optional[Dict[str, Any]] = None):
@@ -195,9 +182,9 @@ def finished(cells_dir: Path, cell_id: str, settings: Optional[Dict[str, Any]] =
             continue
         if settings is not None:
             saved = folder / "config.yaml"
-            then = cell_settings(OmegaConf.load(saved)) if saved.is_file() else {}
-            diff = {k: (settings.get(k), then.get(k)) for k in sorted(set(settings) | set(then))
-                    if settings.get(k) != then.get(k)}
+            then = flatten(OmegaConf.load(saved)) if saved.is_file() else {}
+            ignored = [k for k in set(settings) | set(then) if k.startswith(NOT_COMPARED)]
+            diff = {k: (settings.get(k), then.get(k)) for k in config_changes(then, settings, allowed=ignored)}
             if diff:
                 changed = changed or diff
                 continue
