@@ -388,7 +388,8 @@ def write_summary_json(result: RunResult, summary: Dict[str, float], path: PathL
 def plot_compare(rows: Sequence[Dict[str, Any]], out: PathLike) -> List[Path]:
     """The comparison's plots (one point, bar, row or curve per run; error bars are standard deviations over cells):
 
-    - ``acc_vs_stored.png``: ACC against stored parameters per task (log scale);
+    - ``acc_vs_stored.png``: ACC against the parameters each further task stores (log scale); runs that store
+      nothing per task are dashed lines at their ACC;
     - ``bwt.png``: BWT per run;
     - ``final_accuracy.png``: final accuracy of every run on every task (mean over cells), one heatmap;
     - ``forgetting_curves.png``: mean accuracy over the tasks seen so far after each task, every run overlaid.
@@ -405,20 +406,36 @@ def plot_compare(rows: Sequence[Dict[str, Any]], out: PathLike) -> List[Path]:
         return written
     names = [r["run"] for r in rows]
 
-    fig = new_figure(6.5, 4.5)
+    # x: the parameters each further task adds to the store (the shared backbone, which every run keeps once, would
+    # put every run near the same amortised figure). Runs that add nothing per task (one model for every task, or
+    # one training experience) are horizontal lines at their ACC. A legend rather than labels, which overlap.
+    import matplotlib
+
+    colours = matplotlib.colormaps["tab20"]
+    fig = new_figure(8.5, 4.8)
     ax = fig.add_subplot()
-    for r in rows:
-        x = r["stored_per_task"]
-        if math.isnan(x) or math.isnan(r["acc"]):
+    markers, flat = "osD^v<>ph*", []
+    for i, r in enumerate(rows):
+        x = r.get("added_per_task", math.nan)
+        if math.isnan(r["acc"]):
             continue
-        ax.errorbar([x], [100 * r["acc"]], yerr=[100 * r["acc_std"]], fmt="o", capsize=3)
-        ax.annotate(r["run"], (x, 100 * r["acc"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel("stored parameters per task (log)")
+        if math.isnan(x) or x <= 0:
+            flat.append((i, r))
+            continue
+        ax.errorbar([x], [100 * r["acc"]], yerr=[100 * r["acc_std"]], fmt=markers[i % len(markers)], capsize=3,
+                    color=colours(i % 20), label=r["run"])
+    for i, r in flat:
+        ax.axhline(100 * r["acc"], color=colours(i % 20), linestyle="--", linewidth=1.0,
+                   label=f"{r['run']} (adds nothing per task)")
+    if len(flat) < sum(not math.isnan(r["acc"]) for r in rows):  # a log axis needs a point on it
+        ax.set_xscale("log")
+    ax.set_xlabel("parameters stored per added task (log)")
     ax.set_ylabel("ACC (%)")
-    ax.set_title("Accuracy against what each task stores")
+    ax.set_title("Accuracy against what each task adds")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     written.append(out / "acc_vs_stored.png")
-    fig.savefig(written[-1], dpi=120)
+    fig.savefig(written[-1], dpi=120, bbox_inches="tight")
 
     fig = new_figure(max(4.0, 1.0 + 0.6 * len(rows)), 3.5)
     ax = fig.add_subplot()
@@ -432,8 +449,6 @@ def plot_compare(rows: Sequence[Dict[str, Any]], out: PathLike) -> List[Path]:
 
     tasks = sorted({t for r in rows for t in r["final_by_task"]})
     if tasks:
-        import matplotlib
-
         data = np.ma.masked_invalid(np.array([[100 * r["final_by_task"].get(t, math.nan) for t in tasks] for r in rows]))
         fig = new_figure(max(4.0, 1.5 + 0.7 * len(tasks)), max(3.0, 1.0 + 0.45 * len(rows)))
         ax = fig.add_subplot()

@@ -127,7 +127,8 @@ def test_runs_of_a_group_are_alternatives_and_the_table_names_the_best(grid, tmp
 
     def row(run, acc, std=0.0):
         numbers = {k: math.nan for k in ("acc", "bwt", "fwt", "forgetting", "acc_oracle", "routing_acc",
-                                         "trained_per_task", "stored_per_task", "stored_bytes", "wall_s", "peak_mb")}
+                                         "trained_per_task", "stored_per_task", "added_per_task", "stored_bytes",
+                                         "wall_s", "peak_mb")}
         numbers.update({f"{k}_std": math.nan for k in list(numbers)})
         numbers.update(acc=acc, acc_std=std)
         return {"run": run, "cells": 0 if math.isnan(acc) else 2, "failed": 0, "errors": [], **numbers}

@@ -234,6 +234,22 @@ def load_tokenizer(name: str, source: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def _load_model(auto_cls, name: str, random_init: bool, config_overrides, trust_remote_code: bool):
+    """``auto_cls`` (an ``AutoModel*`` class) built from the backbone's config or its weights, and its tokenizer."""
+    source, config = load_config(name, config_overrides, trust_remote_code)
+    tokenizer = load_tokenizer(name, source, trust_remote_code)
+    try:
+        if random_init:
+            model = auto_cls.from_config(config, trust_remote_code=trust_remote_code)
+        else:
+            model = auto_cls.from_pretrained(
+                source, config=config, trust_remote_code=trust_remote_code, local_files_only=_offline()
+            )
+    except (OSError, ValueError) as err:
+        raise _hub_hint(name, err) from err
+    return model, tokenizer
+
+
 def load_causal_lm(
     name: str,
     random_init: bool = False,
@@ -253,17 +269,7 @@ def load_causal_lm(
     """
     from transformers import AutoModelForCausalLM
 
-    source, config = load_config(name, config_overrides, trust_remote_code)
-    tokenizer = load_tokenizer(name, source, trust_remote_code)
-    try:
-        if random_init:
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(
-                source, config=config, trust_remote_code=trust_remote_code, local_files_only=_offline()
-            )
-    except (OSError, ValueError) as err:
-        raise _hub_hint(name, err) from err
+    model, tokenizer = _load_model(AutoModelForCausalLM, name, random_init, config_overrides, trust_remote_code)
     return model.eval(), tokenizer
 
 
@@ -280,17 +286,7 @@ def load_backbone(
     """
     from transformers import AutoModel
 
-    source, config = load_config(name, config_overrides, trust_remote_code)
-    tokenizer = load_tokenizer(name, source, trust_remote_code)
-    try:
-        if random_init:
-            model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
-        else:
-            model = AutoModel.from_pretrained(
-                source, config=config, trust_remote_code=trust_remote_code, local_files_only=_offline()
-            )
-    except (OSError, ValueError) as err:
-        raise _hub_hint(name, err) from err
+    model, tokenizer = _load_model(AutoModel, name, random_init, config_overrides, trust_remote_code)
     # The pooler of BERT-like models is not used by our heads (we pool ourselves); drop it so it is neither
     # trained, counted nor stored.
     if getattr(model, "pooler", None) is not None:

@@ -278,6 +278,10 @@ def cell_numbers(cell: Cell) -> Dict[str, Any]:
         "trained_per_task": float(np.mean([r["trainable_parameters"] for r in records])) if records else math.nan,
         "stored_end": records[-1]["stored_parameters"] if records else math.nan,
         "stored_first": first.get("stored_parameters", math.nan),
+        # What each task after the first adds to the store (its modules, head, router entries): the cost of one more
+        # task, which the amortised figure (everything stored / tasks) hides behind the shared backbone.
+        "added_per_task": ((records[-1]["stored_parameters"] - first["stored_parameters"]) / (len(records) - 1)
+                           if len(records) > 1 else math.nan),
         "stored_bytes": sum(r.get("stored_bytes", 0) + r.get("router_bytes", 0) for r in records),
         "wall_s": sum(r["wall_time_s"] for r in records),
         "peak_mb": max((r["peak_memory_mb"] for r in records), default=math.nan),
@@ -301,7 +305,7 @@ def summarise(cells: List[Cell], runs: Sequence[str]) -> List[Dict[str, Any]]:
         done = [cell_numbers(c) for c in mine if c.status == "done"]
         row: Dict[str, Any] = {"run": run, "cells": len(done), "failed": sum(c.status == "failed" for c in mine),
                                "errors": sorted({c.error for c in mine if c.error})}
-        for key in METRICS + ("trained_per_task", "stored_end", "stored_bytes", "wall_s", "peak_mb"):
+        for key in METRICS + ("trained_per_task", "stored_end", "added_per_task", "stored_bytes", "wall_s", "peak_mb"):
             row[key], row[f"{key}_std"] = _mean_std([d[key] for d in done])
         n_tasks = max((len(d["tasks"]) for d in done), default=0)
         row["stored_per_task"] = row["stored_end"] / n_tasks if n_tasks else math.nan
@@ -348,7 +352,8 @@ def format_compare(rows: List[Dict[str, Any]], cfg: DictConfig) -> str:
     """The comparison as a markdown table (percent points; mean ± standard deviation over orders x seeds)."""
     routed = any(not math.isnan(r["routing_acc"]) for r in rows)
     head = ["run", "cells", "ACC", "BWT", "FWT", "forgetting"] + (["ACC task id given", "routing acc"] if routed else [])
-    head += ["trained params / task", "stored params / task", "stored bytes", "wall s / cell", "peak MB"]
+    head += ["trained params / task", "stored params / task", "added params / task", "stored bytes", "wall s / cell",
+             "peak MB"]
     lines = [f"Comparison {cfg.name!r}: orders {list(cfg.orders)} x seeds {list(cfg.seeds)}; "
              "mean ± standard deviation over cells, accuracies in percent points.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -357,9 +362,13 @@ def format_compare(rows: List[Dict[str, Any]], cfg: DictConfig) -> str:
         values = [r["run"], cells] + [_pp(r[k], r[f"{k}_std"]) for k in ("acc", "bwt", "fwt", "forgetting")]
         if routed:
             values += [_pp(r["acc_oracle"], r["acc_oracle_std"]), _pp(r["routing_acc"], r["routing_acc_std"])]
-        values += [_count(r["trained_per_task"]), _count(r["stored_per_task"]), _count(r["stored_bytes"]),
+        values += [_count(r["trained_per_task"]), _count(r["stored_per_task"]), _count(r["added_per_task"]),
+                   _count(r["stored_bytes"]),
                    "-" if math.isnan(r["wall_s"]) else f"{r['wall_s']:.0f}", _count(r["peak_mb"])]
         lines.append("| " + " | ".join(values) + " |")
+    lines += ["", "Stored params / task: every parameter kept after the last task (backbone, modules, heads, regulariser "
+              "state) over the number of tasks; added params / task: what each task after the first adds to that; "
+              "stored bytes: task checkpoints and router state written (0 when checkpoints are off)."]
     errors = [f"- {r['run']}: {e}" for r in rows for e in r["errors"]]
     if errors:
         lines += ["", "Failed cells:"] + errors
