@@ -466,15 +466,21 @@ def plot_compare(rows: Sequence[Dict[str, Any]], out: PathLike) -> List[Path]:
         written.append(out / "final_accuracy.png")
         fig.savefig(written[-1], dpi=120)
 
-    fig = new_figure(6.5, 4.0)
+    # The same colour and marker per run as in acc_vs_stored; whole task counts on x; the legend beside the axes.
+    fig = new_figure(8.5, 4.5)
     ax = fig.add_subplot()
-    for r in rows:
+    longest = 0
+    for i, r in enumerate(rows):
         if r["curve"]:
-            ax.plot(range(1, len(r["curve"]) + 1), [100 * v for v in r["curve"]], marker="o", label=r["run"])
+            longest = max(longest, len(r["curve"]))
+            ax.plot(range(1, len(r["curve"]) + 1), [100 * v for v in r["curve"]], marker=markers[i % len(markers)],
+                    color=colours(i % 20), label=r["run"])
+    if longest:
+        ax.set_xticks(range(1, longest + 1))
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_xlabel("tasks learnt")
     ax.set_ylabel("mean accuracy over tasks seen (%)")
     ax.set_title("Forgetting curves")
-    ax.legend(fontsize=7)
     written.append(out / "forgetting_curves.png")
-    fig.savefig(written[-1], dpi=120)
+    fig.savefig(written[-1], dpi=120, bbox_inches="tight")
     return written

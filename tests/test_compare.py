@@ -176,3 +176,23 @@ def test_a_finished_cell_is_reused_only_while_its_settings_are_unchanged(grid, t
     again = []
     run_compare(grid([{"name": "full"}], seeds=[0]), dry_run=True, echo=again.append)
     assert again[0].startswith("compare 'tiny': 1 cells (1 done, 0 to run)") and again[1].rstrip().endswith("full-o1-s0")
+
+
+def test_added_params_per_task_is_what_each_task_after_the_first_adds(tmp_path):
+    import math
+
+    from continual.recipes.compare import Cell, cell_numbers, summarise
+
+    def record(stored):
+        return {"trainable_parameters": 10, "stored_parameters": stored, "wall_time_s": 1.0, "peak_memory_mb": 5.0}
+
+    def cell(run, stored):
+        return Cell(run=run, order=1, seed=0, preset=tmp_path, overrides=[], status="done", summary={
+            "summary": {"acc": 0.5}, "result": {"records": [record(s) for s in stored], "task_names": ["a", "b", "c"],
+                                                "matrix": [[0.5, None, None], [0.5, 0.5, None], [0.5, 0.5, 0.5]]}})
+
+    assert cell_numbers(cell("lora", [1000, 1100, 1200]))["added_per_task"] == 100
+    assert cell_numbers(cell("full", [1000, 1000, 1000]))["added_per_task"] == 0
+    assert math.isnan(cell_numbers(cell("joint", [1000]))["added_per_task"])  # one training experience
+    row = summarise([cell("lora", [1000, 1100, 1200]), cell("lora", [1000, 1300, 1600])], ["lora"])[0]
+    assert row["added_per_task"] == 200 and row["stored_per_task"] == 1400 / 3
