@@ -93,7 +93,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from continual.recipes.compare import load_compare_config, run_compare
 
     cfg = load_compare_config(resolve_config(args.config), overrides=args.overrides)
-    rows = run_compare(cfg, dry_run=args.dry_run, jobs=args.jobs, threads=args.threads)
+    rows = run_compare(cfg, dry_run=args.dry_run, jobs=args.jobs, threads=args.threads, report_only=args.report)
     return 1 if any(row["failed"] for row in rows) else 0
 
 
@@ -171,6 +171,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     compare.add_argument("config", help="compare YAML (e.g. configs/compare/standard.yaml) or a preset name")
     compare.add_argument("overrides", nargs="*", help="e.g. seeds=[0,1] orders=[1] set=[training.device=cuda]")
     compare.add_argument("--dry-run", action="store_true", help="list the cells and which are done; run nothing")
+    compare.add_argument("--report", action="store_true",
+                         help="write and print the table and plots from the cells finished so far; run nothing")
     compare.add_argument("--jobs", type=int, default=1, help="cells run at once, as separate processes")
     compare.add_argument("--threads", type=int, default=None,
                          help="CPU threads per cell (default: the machine's cores split between the --jobs)")

@@ -65,6 +65,16 @@ def test_a_grid_runs_aggregates_and_is_reused(grid, tmp_path):
     status = {c["id"]: c["status"] for c in json.loads((out / "cells.json").read_text())}
     assert status["lora-o1-s0"] == "done" and status["diverges-o1-s1"] == "failed"
 
+    # --report: the table from the finished cells while others are not run (here: a run added since); nothing runs.
+    more = grid([{"name": "full"}, {"name": "prompt", "overrides": ["strategy.name=delta", "strategy.kinds=[prompt]"]}])
+    (out / "compare.md").unlink()
+    report = []
+    rows = run_compare(more, report_only=True, echo=report.append)
+    assert any("report only: 2 cells not finished" in line for line in report)
+    assert {r["run"]: r["cells"] for r in rows} == {"full": 2, "prompt": 0}
+    assert "| prompt | 0 |" in (out / "compare.md").read_text()
+    assert not list((out / "cells" / "tiny").glob("prompt-*"))  # nothing of the new run ran
+
 
 def test_bad_strategy_options_and_folder_names_fail_before_any_cell_runs(grid, tmp_path):
     bad_kind = {"name": "bad", "overrides": ["strategy.name=delta", "strategy.kinds=[foo]"]}

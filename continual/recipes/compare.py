@@ -461,8 +461,14 @@ def save_compare(rows: List[Dict[str, Any]], cells: List[Cell], cfg: DictConfig,
 
 # ---------------------------------------------------------------------------------------------------- recipe
 def run_compare(cfg: DictConfig, dry_run: bool = False, jobs: int = 1,
-                echo: Callable[[str], None] = print, threads: Optional[int] = None) -> List[Dict[str, Any]]:
-    """Plan, run (or reuse) every cell, then write and print the comparison; returns the table's rows."""
+                echo: Callable[[str], None] = print, threads: Optional[int] = None,
+                report_only: bool = False) -> List[Dict[str, Any]]:
+    """Plan, run (or reuse) every cell, then write and print the comparison; returns the table's rows.
+
+    ``report_only`` runs no cell: the table, files and plots come from the cells finished so far (a grid still running
+    in another process, or stopped part-way), with no MLflow parent run; the table's "cells" column says how many
+    each run has.
+    """
     from continual.tracking import ExperimentTracker
 
     if jobs < 1:
@@ -482,6 +488,13 @@ def run_compare(cfg: DictConfig, dry_run: bool = False, jobs: int = 1,
             echo(f"  {cell.id:40s} {cell.status:5s} {cell.folder or ''}" + (
                 f"(finished with other settings, runs again: {changed})" if cell.status == "stale" else ""))
         return []
+    if report_only:
+        if todo:
+            echo(f"report only: {len(todo)} cells not finished are left out (a stale cell's older result is not used)")
+        rows = summarise(cells, [r.name for r in cfg.runs])
+        save_compare(rows, cells, cfg, out)
+        _echo_table(rows, cfg, out, echo)
+        return rows
     with ExperimentTracker(cfg.name, f"compare-{cfg.name}", uri=cfg.tracking.uri, enabled=cfg.tracking.enabled,
                            tags={"kind": "compare"}) as tracker:
         tracker.log_params({"runs": ",".join(r.name for r in cfg.runs), "orders": list(cfg.orders),
@@ -493,9 +506,13 @@ def run_compare(cfg: DictConfig, dry_run: bool = False, jobs: int = 1,
             tracker.log_artifact(path)
         for r in rows:
             tracker.log_metrics({f"{r['run']}/{k}": r[k] for k in METRICS if not math.isnan(r[k])})
+    _echo_table(rows, cfg, out, echo)
+    return rows
+
+
+def _echo_table(rows: List[Dict[str, Any]], cfg: DictConfig, out: Path, echo: Callable[[str], None]) -> None:
     echo(format_compare(rows, cfg))
     block = published_block(cfg.references)
     if block:
         echo("\n" + block)
     echo(f"artifacts: {out}")
-    return rows
