@@ -272,16 +272,14 @@ def cell_numbers(cell: Cell) -> Dict[str, Any]:
     summary, result = cell.summary.get("summary", {}), cell.summary.get("result", {})
     records = result.get("records", [])
     matrix = np.array([[np.nan if v is None else v for v in row] for row in result.get("matrix", [])], dtype=float)
-    first = records[0] if records else {}
+    stored = [r["stored_parameters"] for r in records]
     return {
         **{k: summary.get(k) for k in METRICS},
         "trained_per_task": float(np.mean([r["trainable_parameters"] for r in records])) if records else math.nan,
-        "stored_end": records[-1]["stored_parameters"] if records else math.nan,
-        "stored_first": first.get("stored_parameters", math.nan),
+        "stored_end": stored[-1] if stored else math.nan,
         # What each task after the first adds to the store (its modules, head, router entries): the cost of one more
         # task, which the amortised figure (everything stored / tasks) hides behind the shared backbone.
-        "added_per_task": ((records[-1]["stored_parameters"] - first["stored_parameters"]) / (len(records) - 1)
-                           if len(records) > 1 else math.nan),
+        "added_per_task": (stored[-1] - stored[0]) / (len(stored) - 1) if len(stored) > 1 else math.nan,
         "stored_bytes": sum(r.get("stored_bytes", 0) + r.get("router_bytes", 0) for r in records),
         "wall_s": sum(r["wall_time_s"] for r in records),
         "peak_mb": max((r["peak_memory_mb"] for r in records), default=math.nan),
