@@ -93,7 +93,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from continual.recipes.compare import load_compare_config, run_compare
 
     cfg = load_compare_config(resolve_config(args.config), overrides=args.overrides)
-    rows = run_compare(cfg, dry_run=args.dry_run, jobs=args.jobs, threads=args.threads, report_only=args.report)
+    only = [name.strip() for name in args.runs.split(",") if name.strip()] if args.runs else None
+    rows = run_compare(cfg, dry_run=args.dry_run, jobs=args.jobs, threads=args.threads, report_only=args.report,
+                       only=only)
     return 1 if any(row["failed"] for row in rows) else 0
 
 
@@ -174,6 +176,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     compare.add_argument("--report", action="store_true",
                          help="write and print the table and plots from the cells finished so far; run nothing")
     compare.add_argument("--jobs", type=int, default=1, help="cells run at once, as separate processes")
+    compare.add_argument("--runs", default=None, metavar="NAME[,NAME...]",
+                         help="run only these runs' unfinished cells (the table still shows every run's finished "
+                              "cells)")
     compare.add_argument("--threads", type=int, default=None,
                          help="CPU threads per cell (default: the machine's cores split between the --jobs)")
     compare.set_defaults(func=cmd_compare)

@@ -206,3 +206,18 @@ def test_added_params_per_task_is_what_each_task_after_the_first_adds(tmp_path):
     assert math.isnan(cell_numbers(cell("joint", [1000]))["added_per_task"])  # one training experience
     row = summarise([cell("lora", [1000, 1100, 1200]), cell("lora", [1000, 1300, 1600])], ["lora"])[0]
     assert row["added_per_task"] == 200 and row["stored_per_task"] == 1400 / 3
+
+
+def test_runs_option_runs_only_the_named_runs_and_names_an_unknown_one(grid, tmp_path):
+    cfg = grid([{"name": "full"}, {"name": "lora", "overrides": ["strategy.name=delta", "strategy.kinds=[lora]"]}],
+               seeds=[0])
+    with pytest.raises(ConfigError, match=r"^--runs: no run named 'lroa' in 'tiny'; its runs: full, lora$"):
+        run_compare(cfg, only=["lroa"], echo=lambda _: None)
+    assert not (tmp_path / "outputs" / "tiny" / "cells").exists()  # refused before anything ran
+    lines = []
+    rows = run_compare(cfg, only=["lora"], echo=lines.append)
+    assert lines[0].startswith("compare 'tiny': 2 cells (0 done, 1 to run, 1 of runs not in --runs left for later)")
+    assert {r["run"]: r["cells"] for r in rows} == {"full": 0, "lora": 1}
+    # The other run later: the first run's cell is reused, the table has both.
+    rows = run_compare(cfg, only=["full"], echo=lines.append)
+    assert {r["run"]: r["cells"] for r in rows} == {"full": 1, "lora": 1}

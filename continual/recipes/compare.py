@@ -460,8 +460,12 @@ def save_compare(rows: List[Dict[str, Any]], cells: List[Cell], cfg: DictConfig,
 # ---------------------------------------------------------------------------------------------------- recipe
 def run_compare(cfg: DictConfig, dry_run: bool = False, jobs: int = 1,
                 echo: Callable[[str], None] = print, threads: Optional[int] = None,
-                report_only: bool = False) -> List[Dict[str, Any]]:
+                report_only: bool = False, only: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
     """Plan, run (or reuse) every cell, then write and print the comparison; returns the table's rows.
+
+    ``only`` names the runs whose unfinished cells run this time (the others' cells are neither run nor dropped: the
+    table still shows every run's finished cells), so two processes can share one grid by runs, or a run whose
+    settings depend on another's result can wait for it.
 
     ``report_only`` runs no cell: the table, files and plots come from the cells finished so far (a grid still running
     in another process, or stopped part-way), with no MLflow parent run; the table's "cells" column says how many
@@ -475,11 +479,18 @@ def run_compare(cfg: DictConfig, dry_run: bool = False, jobs: int = 1,
         raise ConfigError(f"--threads: must be >= 1, got {threads}")
     out = Path(cfg.output_dir) / cfg.name
     cells_root = out / "cells"
+    names = [r.name for r in cfg.runs]
+    unknown = [name for name in (only or ()) if name not in names]
+    if unknown:
+        raise ConfigError(f"--runs: no run named {', '.join(map(repr, unknown))} in {cfg.name!r}; its runs: "
+                          f"{', '.join(names)}")
     cells = plan_cells(cfg, cells_root / cfg.name)
-    todo = breadth_first([c for c in cells if c.status != "done"], cfg)
+    todo = breadth_first([c for c in cells if c.status != "done" and (not only or c.run in only)], cfg)
     stale = sum(c.status == "stale" for c in cells)
-    echo(f"compare {cfg.name!r}: {len(cells)} cells ({len(cells) - len(todo)} done, {len(todo)} to run"
-         + (f", {stale} of them finished with other settings" if stale else "") + f") -> {out}")
+    left = sum(c.status != "done" for c in cells) - len(todo)
+    echo(f"compare {cfg.name!r}: {len(cells)} cells ({sum(c.status == 'done' for c in cells)} done, {len(todo)} to run"
+         + (f", {stale} of them finished with other settings" if stale else "")
+         + (f", {left} of runs not in --runs left for later" if left else "") + f") -> {out}")
     if dry_run:
         for cell in cells:
             changed = ", ".join(f"{k}: {then!r} -> {now!r}" for k, (now, then) in cell.changed.items())
