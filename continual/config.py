@@ -65,6 +65,11 @@ class BackboneConfig:
     # "seen" (every label of the tasks trained so far: task id not given, as the O-LoRA family reports). Training
     # always scores the current task's labels.
     label_space: str = "task"
+    # label_words only. The training loss: "candidates" (cross-entropy over the current task's label scores: only its
+    # labels compete), "lm" (the language-modelling loss of the gold label's words over the whole vocabulary, as the
+    # O-LoRA family trains: every other continuation is pushed down, other tasks' labels included), or "auto" ("lm"
+    # with label_space=seen, where other tasks' labels compete at test time; "candidates" with label_space=task).
+    label_loss: str = "auto"
     # label_words only: the prompt around each input; "{text}" (exactly once) stands for the input's tokens.
     template: str = "{text}\nAnswer:"
     # label_words only: per-task templates {task name: template}, overriding `template` for that task. A task's
@@ -153,6 +158,7 @@ class ExperimentConfig:
 _CHOICES = {
     "backbone.head": ("task", "shared", "label_words"),
     "backbone.label_space": ("task", "seen"),
+    "backbone.label_loss": ("auto", "lm", "candidates"),
     "backbone.pooling": ("mean", "cls", "last"),
     "training.optimizer": ("adamw", "sgd"),
     "stream.eval_split": ("test", "dev", "heldout"),
@@ -317,7 +323,7 @@ def load_experiment_config(
         raise ConfigError(f"training.lr: must be > 0, got {cfg.training.lr}")
     check_tracking_names(cfg.tracking)
     if cfg.backbone.head != "label_words":
-        for key, default in (("label_space", "task"), ("template", BackboneConfig.template)):
+        for key, default in (("label_space", "task"), ("label_loss", "auto"), ("template", BackboneConfig.template)):
             if cfg.backbone[key] != default:
                 raise ConfigError(f"backbone.{key}: applies to backbone.head=label_words only (head is {cfg.backbone.head!r})")
         for key in ("task_templates", "label_words"):

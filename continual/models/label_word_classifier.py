@@ -14,7 +14,12 @@ a BOS token), and label ``c`` with word tokens ``w_1..w_n`` (those of ``" " + wo
 the sum, not the mean, of its tokens' log-probabilities: the log-probability of the whole label string, so labels of
 different lengths compete on one scale (the mean would favour long labels whose later tokens are easy to guess).
 
-Candidates are the current task's labels while training (the loss is the cross-entropy over their scores). At test
+Candidates are the current task's labels while training. The loss is either the cross-entropy over their scores
+(``label_loss="candidates"``: only the task's labels compete) or the language-modelling loss of the gold label's words
+over the whole vocabulary (``"lm"``, how the O-LoRA family trains its generator): the training logits then carry one
+more column, the log-probability of every continuation that is not a candidate, ``log(1 - sum_c exp s(c))``, so the
+softmax over them is the model's own distribution and the cross-entropy is exactly ``-s(gold)``. Only the second
+pushes down the labels of other tasks, which compete with the task's own at test time with ``"seen"``. At test
 time ``label_space="task"`` scores the sample's task's labels (task id given) and ``"seen"`` every label of the tasks
 trained so far (task id not given, the O-LoRA family's setting). Either way the logits go back to Avalanche in the
 gold task's label space plus an "other" column (:mod:`continual.models.label_space`), so a prediction counts as right
@@ -321,9 +326,14 @@ class LabelWordClassifier(ContinualClassifier):
         prompts: the prompt templates.
     """
 
-    def __init__(self, lm: nn.Module, heads: LabelWords, prompts: PromptTemplates):
+    LOSSES = ("candidates", "lm")
+
+    def __init__(self, lm: nn.Module, heads: LabelWords, prompts: PromptTemplates, label_loss: str = "candidates"):
         super().__init__(lm, heads.task_labels, pooling="last", heads=heads)
+        if label_loss not in self.LOSSES:
+            raise ValueError(f"backbone.label_loss must be one of {list(self.LOSSES)}, got {label_loss!r}")
         self.prompts = prompts
+        self.label_loss = label_loss
 
     def hidden_model(self) -> nn.Module:
         """The LM's base model (its hidden states, without the vocabulary logits)."""
@@ -346,7 +356,9 @@ class LabelWordClassifier(ContinualClassifier):
             self.routing_log.append((gold.detach().cpu(), modules.detach().cpu()))
         if self.training or self.heads.label_space == "task":  # the answering task's labels compete
             scores = self.score(x, gold, modules, self.heads.words[modules], self.heads.lengths[modules])
-            return scores if modules is gold else self.heads.in_gold_space(scores, modules, gold)
+            if modules is not gold:
+                return self.heads.in_gold_space(scores, modules, gold)
+            return with_rest(scores) if self.training and self.label_loss == "lm" else scores
         seen = self.heads.seen_mask().nonzero(as_tuple=True)[0]  # [S'] "seen": only the seen labels are scored
         words = self.heads.seen_words[seen].expand(x.shape[0], -1, -1)
         lengths = self.heads.seen_lengths[seen].expand(x.shape[0], -1)
@@ -417,6 +429,15 @@ class LabelWordClassifier(ContinualClassifier):
         return self.bank.route(tasks) if self.bank is not None else nullcontext()
 
 
+def with_rest(scores: torch.Tensor) -> torch.Tensor:
+    """``[B, C]`` candidates' log-probabilities -> ``[B, C + 1]``, the last column the log-probability of every other
+    continuation, ``log(1 - sum_c exp s_c)``: the softmax over the result is the LM's own distribution over "one of the
+    candidates, or anything else", so the cross-entropy at a candidate is minus its log-probability (the LM loss of its
+    words). Candidates whose words extend another's can sum past 1; the rest then gets a tiny floor, not NaN."""
+    total = torch.logsumexp(scores, dim=1, keepdim=True).clamp(max=-1e-6)  # log sum_c p(c), below 0
+    return torch.cat([scores, torch.log(-torch.expm1(total))], dim=1)
+
+
 def build_label_word_classifier(
     lm: nn.Module,
     tokenizer,
@@ -425,6 +446,7 @@ def build_label_word_classifier(
     *,
     name: str = "",
     label_space: str = "task",
+    label_loss: str = "auto",
     template: str = "{text}\nAnswer:",
     task_templates: Optional[Mapping[str, str]] = None,
     label_words: Optional[Mapping[str, Mapping[str, str]]] = None,
@@ -436,7 +458,8 @@ def build_label_word_classifier(
         tokenizer: its tokenizer.
         task_names, task_labels: the stream's tasks.
         name: the backbone's name, for messages.
-        label_space, template, task_templates, label_words: as in ``BackboneConfig``.
+        label_space, label_loss, template, task_templates, label_words: as in ``BackboneConfig`` ("auto" loss: "lm"
+            with ``label_space="seen"``, "candidates" with ``"task"``).
 
     Raises:
         LabelWordError: an encoder-only or encoder-decoder model, or unusable label words.
@@ -452,4 +475,6 @@ def build_label_word_classifier(
     ]
     heads = LabelWords(task_labels, spellings, label_space, task_names)
     prompts = PromptTemplates.from_tokenizer(tokenizer, task_names, template, task_templates)
-    return LabelWordClassifier(lm, heads, prompts)
+    if label_loss == "auto":
+        label_loss = "lm" if label_space == "seen" else "candidates"
+    return LabelWordClassifier(lm, heads, prompts, label_loss=label_loss)

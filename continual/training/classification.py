@@ -94,7 +94,8 @@ def build_parts(cfg: DictConfig, device: Optional[torch.device] = None) -> Class
         with as_config_error():  # unusable label words or templates: the message names the key
             model = build_label_word_classifier(
                 backbone, tokenizer, [t.name for t in tasks], [t.labels for t in tasks], name=cfg.backbone.name,
-                label_space=cfg.backbone.label_space, template=cfg.backbone.template,
+                label_space=cfg.backbone.label_space, label_loss=cfg.backbone.label_loss,
+                template=cfg.backbone.template,
                 task_templates=dict(cfg.backbone.task_templates),
                 label_words={task: dict(words) for task, words in cfg.backbone.label_words.items()},
             )

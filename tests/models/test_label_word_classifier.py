@@ -145,7 +145,7 @@ def test_seen_space_counts_another_tasks_label_as_wrong(tiny_causal_lm):
 
 def test_training_scores_the_current_tasks_labels_whatever_the_label_space(tiny_causal_lm):
     lm, tokenizer = _lm(tiny_causal_lm, "gpt2")
-    model = build_label_word_classifier(lm, tokenizer, NAMES, LABELS, label_space="seen")
+    model = build_label_word_classifier(lm, tokenizer, NAMES, LABELS, label_space="seen", label_loss="candidates")
     model.heads.activate(0)
     model.heads.activate(1)
     x = _batch(tokenizer)
@@ -158,6 +158,51 @@ def test_training_scores_the_current_tasks_labels_whatever_the_label_space(tiny_
     model.eval()
     with torch.no_grad():
         assert model(x, torch.tensor([1, 0])).shape == (2, 5)  # seen labels in the gold space, plus "other"
+
+
+def test_the_lm_loss_is_the_gold_labels_negative_log_probability_over_the_whole_vocabulary(tiny_causal_lm):
+    lm, tokenizer = _lm(tiny_causal_lm, "llama")
+    model = build_label_word_classifier(lm, tokenizer, NAMES, LABELS, label_space="seen")
+    assert model.label_loss == "lm"  # "auto" with every seen label competing at test time
+    assert build_label_word_classifier(lm, tokenizer, NAMES, LABELS).label_loss == "candidates"  # "auto", task space
+    x, tasks, gold = _batch(tokenizer), torch.tensor([1, 0]), torch.tensor([3, 1])
+    model.train()
+    logits = model(x, tasks)
+    assert logits.shape == (2, 5)  # the task's labels (padded with -inf) and "anything else"
+    loss = torch.nn.functional.cross_entropy(logits, gold, reduction="none")
+    expected = [-_by_hand(lm, tokenizer, TEXTS[0], LABELS[1][3]), -_by_hand(lm, tokenizer, TEXTS[1], LABELS[0][1])]
+    torch.testing.assert_close(loss.detach(), torch.tensor(expected), atol=1e-4, rtol=1e-4)
+    # The softmax is the model's distribution: "anything else" holds what the candidates leave.
+    probs = logits.detach().softmax(-1)
+    torch.testing.assert_close(probs[:, -1], 1 - logits.detach()[:, :-1].exp().sum(-1), atol=1e-5, rtol=1e-4)
+    loss.sum().backward()
+    assert lm.get_input_embeddings().weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="backbone.label_loss must be one of"):
+        build_label_word_classifier(lm, tokenizer, NAMES, LABELS, label_loss="mean")
+
+
+def test_the_lm_loss_pushes_down_another_tasks_label_the_candidate_loss_leaves_alone(tiny_causal_lm):
+    """Training on task 0 (labels Good/Bad) with the gold label 'Good': the LM loss lowers the probability of task 1's
+    'World' too, as it lowers every token but the gold one; the candidate loss only moves Good against Bad."""
+    def world_after_steps(label_loss):
+        lm, tokenizer = _lm(tiny_causal_lm, "gpt2", seed=3)
+        model = build_label_word_classifier(lm, tokenizer, NAMES, LABELS, label_space="seen", label_loss=label_loss)
+        x, tasks, gold = _batch(tokenizer, texts=TEXTS[:1]), torch.tensor([0]), torch.tensor([0])
+        world = lambda: float(model.routed_logits(x, torch.tensor([1]))[0, 0])  # noqa: E731
+        model.eval()
+        with torch.no_grad():
+            before = world()
+        opt = torch.optim.SGD(lm.parameters(), lr=0.5)
+        model.train()
+        for _ in range(5):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x, tasks), gold).backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            return world() - before
+
+    assert world_after_steps("lm") < world_after_steps("candidates") - 0.1
 
 
 @pytest.mark.parametrize("labels, words, match", [
@@ -218,11 +263,14 @@ def test_label_word_options_need_the_label_word_head():
     from continual.config import ConfigError
     from continual.recipes.run import load_config
 
-    for override in ("backbone.label_space=seen", "backbone.template=Q:{text}", "backbone.label_words={a: {b: c}}"):
+    for override in ("backbone.label_space=seen", "backbone.label_loss=lm", "backbone.template=Q:{text}",
+                     "backbone.label_words={a: {b: c}}"):
         with pytest.raises(ConfigError, match="applies to backbone.head=label_words only"):
             load_config(None, [override])
     with pytest.raises(ConfigError, match="backbone.label_space"):
         load_config(None, ["backbone.head=label_words", "backbone.label_space=all"])
+    with pytest.raises(ConfigError, match=r"backbone.label_loss: 'mean' is not one of \['auto', 'lm', 'candidates'\]"):
+        load_config(None, ["backbone.head=label_words", "backbone.label_loss=mean"])
 
 
 def test_a_router_attaches_to_label_words_but_not_in_soft_mode(tiny_causal_lm):
