@@ -486,7 +486,7 @@ def run_compare(cfg: DictConfig, dry_run: bool = False, jobs: int = 1,
                           f"{', '.join(names)}")
     cells = plan_cells(cfg, cells_root / cfg.name)
     todo = breadth_first([c for c in cells if c.status != "done" and (not only or c.run in only)], cfg)
-    stale = sum(c.status == "stale" for c in cells)
+    stale = sum(c.status == "stale" for c in todo)
     left = sum(c.status != "done" for c in cells) - len(todo)
     echo(f"compare {cfg.name!r}: {len(cells)} cells ({sum(c.status == 'done' for c in cells)} done, {len(todo)} to run"
          + (f", {stale} of them finished with other settings" if stale else "")
@@ -497,31 +497,23 @@ def run_compare(cfg: DictConfig, dry_run: bool = False, jobs: int = 1,
             echo(f"  {cell.id:40s} {cell.status:5s} {cell.folder or ''}" + (
                 f"(finished with other settings, runs again: {changed})" if cell.status == "stale" else ""))
         return []
-    if report_only:
-        if todo:
-            echo(f"report only: {len(todo)} cells not finished are left out (a stale cell's older result is not used)")
-        rows = summarise(cells, [r.name for r in cfg.runs])
-        save_compare(rows, cells, cfg, out)
-        _echo_table(rows, cfg, out, echo)
-        return rows
-    with ExperimentTracker(cfg.name, f"compare-{cfg.name}", uri=cfg.tracking.uri, enabled=cfg.tracking.enabled,
-                           tags={"kind": "compare"}) as tracker:
-        tracker.log_params({"runs": ",".join(r.name for r in cfg.runs), "orders": list(cfg.orders),
-                            "seeds": list(cfg.seeds), "set": list(cfg.set)})
-        if todo:
+    if report_only and todo:
+        echo(f"report only: {len(todo)} cells not finished are left out (a stale cell's older result is not used)")
+    # A report runs nothing, so it opens no MLflow parent run (the tracker is then a no-op).
+    with ExperimentTracker(cfg.name, f"compare-{cfg.name}", uri=cfg.tracking.uri,
+                           enabled=cfg.tracking.enabled and not report_only, tags={"kind": "compare"}) as tracker:
+        tracker.log_params({"runs": ",".join(names), "orders": list(cfg.orders), "seeds": list(cfg.seeds),
+                            "set": list(cfg.set)})
+        if todo and not report_only:
             run_cells(todo, cfg, cells_root, tracker.run_id, jobs, echo, threads)
-        rows = summarise(cells, [r.name for r in cfg.runs])
+        rows = summarise(cells, names)
         for path in save_compare(rows, cells, cfg, out):
             tracker.log_artifact(path)
         for r in rows:
             tracker.log_metrics({f"{r['run']}/{k}": r[k] for k in METRICS if not math.isnan(r[k])})
-    _echo_table(rows, cfg, out, echo)
-    return rows
-
-
-def _echo_table(rows: List[Dict[str, Any]], cfg: DictConfig, out: Path, echo: Callable[[str], None]) -> None:
     echo(format_compare(rows, cfg))
     block = published_block(cfg.references)
     if block:
         echo("\n" + block)
     echo(f"artifacts: {out}")
+    return rows
