@@ -127,3 +127,34 @@ def test_precision_speed_writes_a_row_per_kind(tmp_path):
         assert row["train_speedup"] == pytest.approx(row["train_fp32_ms"] / row["train_bf16_ms"])
         assert 0 < row["max_logit_diff"] < 0.5  # bf16 changes the arithmetic, not the answer
         assert f"{row['train_speedup']:.2f}x" in done.stdout
+
+
+def test_many_tasks_times_every_kind_and_the_experts_floors(tmp_path):
+    """A tiny K sweep: every kind gets a row per K with its ratios, the experts rows carry both floors (the loop and
+    the gathered batched matmuls), PEFT's reference row comes last, and a point over the memory budget says so."""
+    path = tmp_path / "many.json"
+    done = run_benchmark("many_tasks", "--random-init", "--override", "num_hidden_layers=1", "--override",
+                         "hidden_size=32", "--override", "intermediate_size=64", "--override", "num_attention_heads=2",
+                         "--tasks", "1,4", "--mix", "2", "--batch", "4", "--length", "8", "--steps", "1",
+                         "--warmup", "0", "--repeats", "1", "--peft-max", "4", "--threads", "1", "--json", str(path))
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["kind"], r["K"]) for r in rows] == [(k, K) for k in ("lora", "adapter", "prompt", "prefix", "experts")
+                                                   for K in (1, 4)] + [("peft_lora", 1), ("peft_lora", 4)]
+    for row in rows[:10]:
+        assert row["mixed_ratio"] == pytest.approx(row["mixed_ms"] / row["ref_ms"])
+        assert row["tasks_mixed"] == min(row["K"], 2)
+    experts = rows[9]
+    assert experts["floor_gathered_ms"] > 0 and experts["floor_mixed_ms"] > 0
+    best = min(experts["floor_mixed_ms"], experts["floor_gathered_ms"])
+    assert experts["floor_ratio"] == pytest.approx(
+        (experts["ref_ms"] + best - experts["floor_one_ms"]) / experts["ref_ms"])
+    assert "gathered + bmm" in done.stdout and "target <= 1.10" in done.stdout
+
+    tight = run_benchmark("many_tasks", "--random-init", "--override", "num_hidden_layers=1", "--override",
+                          "hidden_size=32", "--override", "intermediate_size=64", "--override",
+                          "num_attention_heads=2", "--kinds", "experts", "--tasks", "1,1000000", "--batch", "2",
+                          "--length", "4", "--steps", "1", "--warmup", "0", "--repeats", "1", "--memory-budget",
+                          "0.001", "--threads", "1")
+    assert tight.returncode == 0, tight.stderr
+    assert "needs" in tight.stdout and "budget" in tight.stdout

@@ -23,7 +23,9 @@ FFN (router rows only, zeros: logit 0; their output is the FFN's) and task slot 
 whose weight is non-zero. The bank's ``simultaneous`` composition allows every slot (token-level routing over all
 experts, no task id needed); ``isolated`` allows the sample's own task only (task-conditioned routing: the batch's
 tokens route among the shared experts and the experts of the batch's own slots only, so a batch costs what its own
-tasks need however many are stored; :meth:`~continual.modules.experts.pool.ExpertPool.route_among`); ``sequential``
+tasks need however many are stored; :meth:`~continual.modules.experts.pool.ExpertPool.route_among`, and for a batch
+mixing tasks :meth:`~continual.modules.experts.pool.ExpertPool.route_own`, which scores each token against the shared
+experts and its own task's router rows only); ``sequential``
 allows tasks up to its own.
 
 **Exactness.** The site computes ``h = FFN(x)`` and adds ``y - h``:
@@ -66,6 +68,7 @@ from continual.modules.experts.options import ExpertOptions
 from continual.modules.experts.pool import (
     ExpertGroup,
     ExpertPool,
+    GroupColumns,
     RouterOutput,
     expand_sample_mask,
     feed_forward_experts,
@@ -222,9 +225,10 @@ class ExpertsDelta(nn.Module):
         """The change routing makes to the dense FFN's output.
 
         Task-conditioned (exclusive) routing routes every token among the shared experts and its own task's only,
-        so only the batch's slots are read: their router rows, their experts (:meth:`ExpertPool.route_among`), never
-        the other stored slots'. Any other composition lets a token use every allowed slot's experts (token-level
-        routing over the whole pool).
+        so only the batch's slots are read: their router rows, their experts (:meth:`ExpertPool.route_among`, or
+        :meth:`ExpertPool.route_own` for a batch mixing tasks, which scores each token against its own task's router
+        rows only), never the other stored slots'. Any other composition lets a token use every allowed slot's
+        experts (token-level routing over the whole pool).
 
         Args:
             x: ``[B, T, d]`` (or ``[B, d]``) input of the FFN.
@@ -256,7 +260,10 @@ class ExpertsDelta(nn.Module):
             x, h, allowed = x[rows], h[rows], allowed[rows]
             token_mask = None if token_mask is None else token_mask[rows]
         flat, h_flat = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
-        if among is not None:
+        if among is not None and self._routes_own(among):  # a batch mixing tasks: each token's own router rows
+            sample_group = (own if rows is None else own[rows]).long().argmax(dim=1) + 1  # [B]: in among.groups
+            routing = self.pool.route_own(flat, among, sample_group, token_mask)
+        elif among is not None:
             expert_mask = expand_sample_mask(allowed, tuple(x.shape[:-1]))
             routing = self.pool.route_among(flat, among, expert_mask, token_mask)  # the router reads [x, 1]
         else:
@@ -271,6 +278,17 @@ class ExpertsDelta(nn.Module):
         if rows is None:
             return change
         return change.new_zeros((routed.shape[0],) + tuple(change.shape[1:])).index_copy(0, rows, change)
+
+    def _routes_own(self, among: GroupColumns) -> bool:
+        """Whether a task-conditioned batch is routed per sample (:meth:`ExpertPool.route_own`: each token scores the
+        shared experts and its own task's only): when it mixes at least two tasks whose groups all hold ``n`` experts
+        (none pruned). Otherwise :meth:`ExpertPool.route_among` masks the batch's columns (the same routing)."""
+        task_groups = among.groups[1:]
+        return (
+            len(task_groups) >= 2
+            and among.groups[0] == SHARED_GROUP
+            and all(self.pool.groups[g].n == self.n for g in task_groups)
+        )
 
     def _token_mask(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """``[B, T]`` bool tokens that count for usage and losses (the last ``T`` columns of the attention mask)."""

@@ -633,6 +633,59 @@ class ExpertPool(nn.Module):
                            columns=among.columns)
         return self._routed(out, token_mask)
 
+    def route_own(
+        self,
+        x: torch.Tensor,
+        among: GroupColumns,
+        sample_group: torch.Tensor,
+        token_mask: Optional[torch.Tensor] = None,
+    ) -> RouterOutput:
+        """Route every token among the first group of ``among`` (shared by every sample) and its own sample's group
+        only: :meth:`route_among` with each sample allowed one group besides the first, computed per sample.
+
+        Each token's logits are those of its ``S + n`` candidate experts (its sample's router rows gathered, one
+        batched matmul), not of every column of ``among``: a batch mixing many tasks pays for its tasks' router rows
+        once, not once per token. The result is :meth:`route_among`'s with that mask (``probs`` over ``among``'s
+        columns, exactly 0 outside each token's candidates).
+
+        Args:
+            x: ``[B * T, d_model]`` tokens, sample after sample (``T`` tokens each).
+            among: :meth:`columns_of` the groups; every group after the first holds the same number ``n`` of experts.
+            sample_group: ``[B]`` long, each sample's group as a position in ``among.groups`` (>= 1).
+            token_mask: ``[B * T]`` bool, tokens that count for usage and losses.
+
+        Returns:
+            A :class:`RouterOutput` with global ``indices`` and ``probs [B * T, C]`` over ``among.columns``.
+        """
+        B = sample_group.shape[0]
+        if x.dim() != 2 or x.shape[-1] != self.d_model or x.shape[0] % max(B, 1):
+            raise ValueError(f"route_own expects [B * T, {self.d_model}] tokens for B={B} samples, got {tuple(x.shape)}")
+        T = x.shape[0] // B
+        first, own = among.groups[0], among.groups[1:]
+        S, n = self.groups[first].n, self.groups[own[0]].n
+        if any(self.groups[g].n != n for g in own):
+            raise ValueError(f"route_own needs groups of equal size after the first; got {[self.groups[g].n for g in own]}")
+        if self.router_bias:
+            x = F.pad(x, (0, 1), value=1.0)
+        h = self.gate(x) if self.gate is not None else x  # [N, router_dim]
+        position = sample_group - 1  # [B] position among the groups after the first
+        rows = torch.stack([self.groups[g].router for g in own]).index_select(0, position)  # [B, n, router_dim]
+        own_logits = torch.bmm(h.view(B, T, -1), rows.transpose(1, 2)).reshape(B * T, n)
+        logits = torch.cat([F.linear(h, self.groups[first].router), own_logits], dim=1)  # [N, S + n]
+        on = torch.stack([self.groups[g].enabled for g in own]).index_select(0, position)  # [B, n]
+        allowed = torch.cat([self.groups[first].enabled[None, :].expand(B, S), on], dim=1)  # [B, S + n]
+        allowed = allowed.repeat_interleave(T, dim=0)  # [N, S + n]
+        probs_local, gates, local = top_k_gating(logits, self.k, allowed)
+        # Column of every candidate: the first group's S columns, then the sample's own n.
+        own_first = (S + position * n).repeat_interleave(T)  # [N]
+        candidate = torch.arange(S + n, device=x.device)
+        column = torch.where(candidate[None, :] < S, candidate[None, :], own_first[:, None] + candidate[None, :] - S)
+        C = among.columns.shape[0]
+        probs = probs_local.new_zeros(x.shape[0], C).scatter(1, column, probs_local)
+        out = RouterOutput(probs=probs, indices=among.columns[column.gather(1, local)], gates=gates,
+                           groups=among.groups, columns=among.columns)
+        return self._routed(out, token_mask)
+
     def _routed(self, out: RouterOutput, token_mask: Optional[torch.Tensor]) -> RouterOutput:
         """Finish a routing: attach the token mask, stop the gates' gradient if asked, count usage, keep it."""
         if token_mask is not None:

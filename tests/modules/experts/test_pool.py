@@ -74,6 +74,37 @@ def test_allowed_groups_become_each_samples_expert_mask_and_restrict_its_routing
         pool.group_expert_mask(torch.ones(2, 2, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("gate_hidden", [0, 8])
+def test_routing_each_sample_to_its_own_group_equals_masking_the_batchs_columns(gate_hidden):
+    """route_own scores every token against the first group and its sample's group only; it chooses what route_among
+    chooses under that mask (indices, gates, probs over the batch's columns), and never reads the router rows of a
+    group outside the batch (poisoned with NaN here) nor picks a switched-off expert."""
+    torch.manual_seed(0)
+    pool = ExpertPool(D, SHAPES, [1, 2, 2, 2, 2, 2], 2, gate_hidden=gate_hidden, init_std={"router": 1.0},
+                      router_bias=True)
+    pool.set_enabled(torch.tensor([4]), False)  # group 2's first expert is off
+    with torch.no_grad():
+        pool.groups[3].router.fill_(float("nan"))  # not in the batch
+    among = pool.columns_of([0, 1, 2, 4, 5])
+    B, T = 5, 7
+    sample_group = torch.tensor([3, 1, 2, 3, 4])  # positions in among.groups
+    x = torch.randn(B * T, D)
+    token_mask = torch.rand(B * T) > 0.2
+    own = pool.route_own(x, among, sample_group, token_mask)
+    allowed = (among.column_group[None, :] == 0) | (among.column_group[None, :] == sample_group[:, None])
+    allowed = (allowed & among.enabled[None, :]).repeat_interleave(T, dim=0)
+    masked = pool.route_among(x, among, allowed, token_mask)
+    assert torch.equal(own.indices, masked.indices)
+    torch.testing.assert_close(own.gates, masked.gates)
+    torch.testing.assert_close(own.probs, masked.probs)
+    assert own.groups == masked.groups and torch.equal(own.columns, masked.columns)
+    assert torch.equal(own.token_mask, token_mask) and pool.last_routing is masked
+    assert 4 not in own.indices.tolist() and bool(torch.isfinite(own.probs).all())
+    with pytest.raises(ValueError, match="equal size"):
+        pool.add_experts(3)
+        pool.route_own(x, pool.columns_of([0, 1, 6]), torch.tensor([1, 2, 1, 2, 1]))
+
+
 def test_replace_group_keeps_the_layout_and_accepts_router_rows_only():
     pool = make_pool(sizes=(2, 3))
     rows_only = ExpertGroup(2, {}, pool.router_dim, {"router": 0.0})
