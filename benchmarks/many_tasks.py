@@ -13,8 +13,8 @@ between the three, so machine noise hits all alike; medians over ``--repeats`` r
 ``--warmup`` discarded rounds; ``torch.inference_mode``; ``torch.cuda.synchronize`` around each round on GPU).
 
 "bytes/task" is what one stored task adds: its modules' parameters at every site plus its head, at the model's
-dtype. A K point whose tasks would not fit in ``--memory-budget`` (default: 60% of the memory available) is skipped
-and says so.
+dtype. A K point whose tasks would not fit in ``--memory-budget`` (default: 60% of the memory available), or in 90% of
+the memory free when its kind starts, is skipped and says so.
 
 For the experts layer a floor is timed in the same rounds: the same experts' matrices multiplied by plain torch
 (each sample's tokens through its task's experts, one matmul per expert and role, no routing, gathering or gating),
@@ -88,6 +88,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
     return args
+
+
+def release_memory(device: torch.device) -> None:
+    """Hand the memory of a finished section back (a later kind's tasks need it): collect, empty the CUDA cache, and
+    on glibc return the freed heap to the system (freed small blocks otherwise stay with the process)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
 
 
 def available_bytes(device: torch.device) -> int:
@@ -220,6 +236,8 @@ def kind_section(args, kind: str, backbone, x: torch.Tensor, device: torch.devic
     reference.grow(1)
     per_task = reference.bytes_per_task()
     one_route = torch.zeros(args.batch, dtype=torch.long, device=device)
+    # What this kind may take: the budget, and never more than 90% of what is free now (earlier kinds are gone).
+    budget = min(budget, int(0.9 * available_bytes(device)))
     feasible = [K for K in args.tasks if K * per_task <= budget]
     rows: List[dict] = []
     grower = Grower(kind, backbone, max(feasible), device, args.seed) if feasible else None
@@ -356,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows: List[dict] = []
     for kind in args.kinds:
         rows += kind_section(args, kind, backbone, x, device, budget)
+        release_memory(device)
     if "lora" in args.kinds and args.peft_max >= 1:
         rows += peft_section(args, backbone, x, device, rows)
 
