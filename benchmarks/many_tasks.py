@@ -16,10 +16,13 @@ between the three, so machine noise hits all alike; medians over ``--repeats`` r
 dtype. A K point whose tasks would not fit in ``--memory-budget`` (default: 60% of the memory available), or in 90% of
 the memory free when its kind starts, is skipped and says so.
 
-For the experts layer a floor is timed in the same rounds: the same experts' matrices multiplied by plain torch
-(each sample's tokens through its task's experts, one matmul per expert and role, no routing, gathering or gating),
-for the mixed batch and for the one-task batch, and for the mixed batch also the batched alternative (the batch's
-experts copied into one preallocated tensor, then ``torch.bmm``), when every task of the batch has as many samples.
+The experts layer runs a batch mixing tasks batched over its samples (each sample's task's experts gathered, then
+``torch.bmm``); the same mixed batch through the token dispatch's loop over experts (``dispatch="loop"``) is timed
+in the same rounds too ("mixed with the per-expert loop"). A floor is also timed: the same experts' matrices
+multiplied by plain torch (each sample's tokens through its task's experts, one matmul per expert and role, no
+routing, gathering or gating), for the mixed batch and for the one-task batch, and for the mixed batch also the
+batched alternative (the batch's experts copied into one preallocated tensor, then ``torch.bmm``), when every task
+of the batch has as many samples.
 A mixed batch must read every one of its tasks' expert matrices (``--mix`` tasks x ``n`` experts, full FFN-sized
 matrices, against ``n`` for a one-task batch), so this difference is what any implementation pays on that device;
 "floor ratio" is ``(reference + min(floor mixed, gathered) - floor one) / reference``, the ratio the layer would reach
@@ -222,6 +225,20 @@ def bare_expert_rounds(model, tasks: torch.Tensor, length: int, device: torch.de
     return run_gathered
 
 
+def with_dispatch(model, dispatch: str, run: Callable[[], object]) -> object:
+    """``run()`` with every experts site's matmul backend set to ``dispatch`` ("loop": one matmul per expert, the
+    token dispatch even for a batch mixing tasks), then set back."""
+    pools = [site.delta.pool for site in model.bank.sites().values() if site.delta.kind == "experts"]
+    before = [pool.dispatch for pool in pools]
+    for pool in pools:
+        pool.dispatch = dispatch
+    try:
+        return run()
+    finally:
+        for pool, value in zip(pools, before):
+            pool.dispatch = value
+
+
 def spread(K: int, M: int, batch: int, device: torch.device) -> torch.Tensor:
     """``[batch]`` task of each sample: ``M`` tasks spread evenly over the ``K`` stored, sample ``i`` on the
     ``i % M``-th."""
@@ -256,7 +273,9 @@ def kind_section(args, kind: str, backbone, x: torch.Tensor, device: torch.devic
             "one": lambda: call_round(lambda: model(x, one), args.steps, device),
             "mixed": lambda: call_round(lambda: model(x, mixed), args.steps, device),
         }
-        if kind == "experts":
+        if kind == "experts":  # the token dispatch's loop over experts too, for the mixed batch
+            rounds["mixed_loop"] = lambda: call_round(lambda: with_dispatch(model, "loop", lambda: model(x, mixed)),
+                                                      args.steps, device)
             bare_one, bare_mixed = (bare_expert_rounds(model, t, x.shape[-1], device) for t in (one, mixed))
             rounds["floor_one"] = lambda: call_round(bare_one, args.steps, device)
             rounds["floor_mixed"] = lambda: call_round(bare_mixed, args.steps, device)
@@ -269,6 +288,8 @@ def kind_section(args, kind: str, backbone, x: torch.Tensor, device: torch.devic
         row.update(tasks_mixed=int(mixed.unique().numel()), ref_ms=1000 * t["reference"], one_ms=1000 * t["one"],
                    mixed_ms=1000 * t["mixed"], one_ratio=t["one"] / t["reference"],
                    mixed_ratio=t["mixed"] / t["reference"])
+        if "mixed_loop" in t:
+            row.update(mixed_loop_ms=1000 * t["mixed_loop"], mixed_loop_ratio=t["mixed_loop"] / t["reference"])
         if "floor_mixed" in t:
             best = min(t["floor_mixed"], t.get("floor_gathered", float("inf")))
             row.update(floor_one_ms=1000 * t["floor_one"], floor_mixed_ms=1000 * t["floor_mixed"],
@@ -338,6 +359,8 @@ def format_rows(rows: List[dict], largest: int) -> List[str]:
                 f"; ours / PEFT {r['ours_over_peft']:.3f}" if "ours_over_peft" in r else "")
         elif "mixed_ratio" in r and r["K"] == largest:
             note = f"target <= {TARGET:.2f}: {'ok' if r['mixed_ratio'] <= TARGET else 'MISSED'}"
+        if "mixed_loop_ratio" in r:
+            note = "; ".join(filter(None, [note, f"mixed with the per-expert loop {r['mixed_loop_ratio']:.3f}"]))
         if "floor_ratio" in r:
             gathered = f", mixed gathered + bmm {r['floor_gathered_ms']:.1f} ms" if "floor_gathered_ms" in r else ""
             note = "; ".join(filter(None, [note, f"floor ratio {r['floor_ratio']:.3f} (bare matmuls: one "

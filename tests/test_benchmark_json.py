@@ -146,6 +146,7 @@ def test_many_tasks_times_every_kind_and_the_experts_floors(tmp_path):
         assert row["tasks_mixed"] == min(row["K"], 2)
     experts = rows[9]
     assert experts["floor_gathered_ms"] > 0 and experts["floor_mixed_ms"] > 0
+    assert experts["mixed_loop_ratio"] == pytest.approx(experts["mixed_loop_ms"] / experts["ref_ms"])
     best = min(experts["floor_mixed_ms"], experts["floor_gathered_ms"])
     assert experts["floor_ratio"] == pytest.approx(
         (experts["ref_ms"] + best - experts["floor_one_ms"]) / experts["ref_ms"])

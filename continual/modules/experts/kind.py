@@ -72,6 +72,7 @@ from continual.modules.experts.pool import (
     RouterOutput,
     expand_sample_mask,
     feed_forward_experts,
+    own_group_experts,
 )
 from continual.modules.experts.upcycling import FeedForward, fuse_feed_forward, shared_change, shared_gates
 
@@ -271,7 +272,10 @@ class ExpertsDelta(nn.Module):
             expert_mask = expand_sample_mask(allowed, tuple(x.shape[:-1])) if masked else None
             routing = self.pool.route(flat, expert_mask, token_mask)
         act = ACTIVATIONS[self.activation]
-        change = feed_forward_experts(self.pool, flat, routing, act, first_group=group_of_slot(0))  # task experts
+        if among is not None and x.dim() == 3 and self.pool.dispatch == "auto" and self._routes_own(among):
+            change = self._own_experts(x, among, sample_group, routing, act)  # batched over the samples
+        else:
+            change = feed_forward_experts(self.pool, flat, routing, act, first_group=group_of_slot(0))  # task experts
         change = change + shared_change(self._ffn[0], flat, h_flat, shared_gates(routing.indices, routing.gates, S))
         self.last_routing = routing
         change = change.reshape(h.shape)
@@ -289,6 +293,20 @@ class ExpertsDelta(nn.Module):
             and among.groups[0] == SHARED_GROUP
             and all(self.pool.groups[g].n == self.n for g in task_groups)
         )
+
+    def _own_experts(
+        self, x: torch.Tensor, among: GroupColumns, sample_group: torch.Tensor, routing: RouterOutput, act
+    ) -> torch.Tensor:
+        """``[B * T, d]`` the task experts' output for a batch mixing tasks (:func:`own_group_experts`): each token's
+        gates of its own task's ``n`` experts read off the routing, then every sample through its task's experts."""
+        B, T, _ = x.shape
+        n = self.n
+        own_first = (self.n_shared + (sample_group - 1) * n).repeat_interleave(T)  # [N] column of each token's first
+        rel = torch.searchsorted(among.columns, routing.indices) - own_first[:, None]  # [N, k]
+        inside = (rel >= 0) & (rel < n)  # the choices among the token's own experts (the rest are shared)
+        gates = routing.gates.new_zeros(B * T, n).scatter_add(1, rel.clamp(0, n - 1), routing.gates * inside)
+        y = own_group_experts(self.pool, x, among.groups[1:], sample_group - 1, gates.view(B, T, n), act)
+        return y.reshape(B * T, -1)
 
     def _token_mask(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """``[B, T]`` bool tokens that count for usage and losses (the last ``T`` columns of the attention mask)."""

@@ -105,6 +105,63 @@ def test_routing_each_sample_to_its_own_group_equals_masking_the_batchs_columns(
         pool.route_own(x, pool.columns_of([0, 1, 6]), torch.tensor([1, 2, 1, 2, 1]))
 
 
+@pytest.mark.parametrize("counts", [(1, 1, 1, 1), (2, 2, 2), (5, 1, 1), (1, 3)])
+def test_chunk_plan_puts_each_sample_in_a_chunk_of_its_own_group(counts):
+    sample_group = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    sample_group = sample_group[torch.randperm(len(sample_group), generator=torch.Generator().manual_seed(0))]
+    for tokens in (1, 64):
+        plan = pool_module.chunk_plan(sample_group, len(counts), tokens)
+        assert len(set(plan.position.tolist())) == len(sample_group), "one row per sample"
+        chunk_of = plan.position // plan.size
+        assert [plan.chunks[c] for c in chunk_of.tolist()] == sample_group.tolist()
+        assert len(plan.chunks) * plan.size >= len(sample_group)
+    if len(set(counts)) == 1:  # as many samples of every task: one chunk per task, no padding
+        assert plan.size == counts[0] and len(plan.chunks) == len(counts)
+    assert pool_module.chunk_plan(torch.tensor([0, 0, 0, 0, 1]), 2, 1000).size == 1, "long samples: no padding"
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_own_group_experts_is_the_token_dispatch(grad):
+    """Every sample through all experts of its group, scaled by its gates (0 where not chosen), equals the token
+    dispatch of the same choices; with autograd the gradients reach the groups' weights alike."""
+    torch.manual_seed(0)
+    pool = ExpertPool(D, SHAPES, [1, 2, 2, 2, 2], 2, gate_hidden=0, init_std={"router": 1.0}, router_bias=True)
+    among = pool.columns_of([0, 1, 2, 3, 4])
+    B, T = 7, 5
+    sample_group = torch.tensor([2, 1, 2, 2, 4, 1, 2])  # positions in among.groups
+    x = torch.randn(B, T, D)
+    with torch.no_grad():
+        routing = pool.route_own(x.reshape(-1, D), among, sample_group)
+    local = torch.searchsorted(among.columns, routing.indices)
+    first = (1 + (sample_group - 1) * 2).repeat_interleave(T)
+    rel = local - first[:, None]
+    inside = (rel >= 0) & (rel < 2)
+    gates = torch.zeros(B * T, 2).scatter_add(1, rel.clamp(0, 1), routing.gates * inside).view(B, T, 2)
+    act = ACTIVATIONS["gelu"]
+
+    def run(fn):
+        for p in pool.parameters():
+            p.grad = None
+        with torch.set_grad_enabled(grad):
+            out = fn()
+            if grad:
+                (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        return out.detach(), [None if p.grad is None else p.grad.clone() for p in pool.parameters()]
+
+    batched, batched_grads = run(lambda: pool_module.own_group_experts(
+        pool, x, among.groups[1:], sample_group - 1, gates, act).reshape(B * T, D))
+    dispatched, dispatched_grads = run(lambda: feed_forward_experts(pool, x.reshape(-1, D), routing, act, 1))
+    torch.testing.assert_close(batched, dispatched, atol=1e-5, rtol=1e-5)
+    for a, b in zip(batched_grads, dispatched_grads):
+        if a is None or b is None:
+            continue
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    if grad:
+        names = [name for name, _ in pool.named_parameters()]
+        assert batched_grads[names.index("groups.3.w_in")] is None, "group 3 serves no sample"
+        assert batched_grads[names.index("groups.2.w_in")].abs().sum() > 0
+
+
 def test_replace_group_keeps_the_layout_and_accepts_router_rows_only():
     pool = make_pool(sizes=(2, 3))
     rows_only = ExpertGroup(2, {}, pool.router_dim, {"router": 0.0})
