@@ -46,7 +46,9 @@ allows tasks up to its own.
   term does not.)
 
 The task experts are dispatched by :func:`~continual.modules.experts.pool.feed_forward_experts`, the same function as
-ModuleFormer's feed-forward layer, over the slot groups only. Usage counting and pruning:
+ModuleFormer's feed-forward layer, over the slot groups only; a batch mixing tasks under task-conditioned routing
+runs batched over its samples instead (:func:`~continual.modules.experts.pool.own_group_experts`, the same sum; the
+``dispatch`` option ``loop`` keeps the token dispatch). Usage counting and pruning:
 :mod:`continual.modules.experts.pruning`.
 """
 

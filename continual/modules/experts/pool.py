@@ -11,7 +11,10 @@ Dispatch. The ``N * k`` (token, choice) assignments are sorted by expert so each
 group in one kernel), and the gated results are summed back per token with ``index_add``. The work is ``N * k`` rows
 whatever the number of experts ``E``; only the gate's last layer grows with ``E``. :func:`feed_forward_experts` is
 that dispatch for feed-forward experts ``y = sum_{e in topk(x)} p_e(x) W_out_e act(W_in_e x)`` (no biases), shared by
-:class:`~continual.modules.experts.layer.ExpertLayer` and the ``experts`` bank kind.
+:class:`~continual.modules.experts.layer.ExpertLayer` and the ``experts`` bank kind. A batch whose samples each use
+one group (task-conditioned routing of a batch mixing tasks) can instead be routed per sample
+(:meth:`ExpertPool.route_own`) and run batched over its samples (:func:`own_group_experts`: each task's experts
+gathered once, ``torch.bmm``), which costs less than a loop over the batch's many experts.
 
 Growth. Experts live in **groups** (:class:`ExpertGroup`): group 0 holds the initial experts, every
 :meth:`ExpertPool.add_experts` appends a group with its own stacked weights ``[n, d_in, d_out]`` per role, its own
@@ -36,7 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 # "loop": one matmul per expert that received tokens; "grouped": one torch grouped matmul per group (bf16 or fp16,
-# widths divisible by 8, on a device of GROUPED_DEVICE_TYPES); "auto": grouped where supported, else loop.
+# widths divisible by 8, on a device of GROUPED_DEVICE_TYPES); "auto": grouped where supported, else loop (and, in
+# the experts bank kind, a batch mixing tasks batched over its samples: own_group_experts).
 DISPATCH_BACKENDS = ("auto", "loop", "grouped")
 # Device types on which "grouped" runs torch's grouped matmul (and "auto" picks it). Recent torch also runs it on
 # CPU, slower than the loop; the tests add "cpu" here to check the grouped path without a GPU.
