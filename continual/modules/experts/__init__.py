@@ -34,6 +34,8 @@ from continual.modules.experts.pool import (
     expand_sample_mask,
     expert_matmul,
     feed_forward_experts,
+    own_group_experts,
+    release_gather_buffers,
     sort_by_expert,
     top_k_gating,
 )
@@ -84,6 +86,8 @@ __all__ = [
     "expert_deltas",
     "expert_matmul",
     "feed_forward_experts",
+    "own_group_experts",
+    "release_gather_buffers",
     "fuse_feed_forward",
     "group_of_slot",
     "load_concentration_loss",

@@ -263,7 +263,8 @@ class ExpertsDelta(nn.Module):
             x, h, allowed = x[rows], h[rows], allowed[rows]
             token_mask = None if token_mask is None else token_mask[rows]
         flat, h_flat = x.reshape(-1, x.shape[-1]), h.reshape(-1, h.shape[-1])
-        if among is not None and self._routes_own(among):  # a batch mixing tasks: each token's own router rows
+        own_routing = among is not None and self._routes_own(among)
+        if own_routing:  # a batch mixing tasks: each token's own router rows
             sample_group = (own if rows is None else own[rows]).long().argmax(dim=1) + 1  # [B]: in among.groups
             routing = self.pool.route_own(flat, among, sample_group, token_mask)
         elif among is not None:
@@ -274,7 +275,7 @@ class ExpertsDelta(nn.Module):
             expert_mask = expand_sample_mask(allowed, tuple(x.shape[:-1])) if masked else None
             routing = self.pool.route(flat, expert_mask, token_mask)
         act = ACTIVATIONS[self.activation]
-        if among is not None and x.dim() == 3 and self.pool.dispatch == "auto" and self._routes_own(among):
+        if own_routing and x.dim() == 3 and self.pool.dispatch == "auto":
             change = self._own_experts(x, among, sample_group, routing, act)  # batched over the samples
         else:
             change = feed_forward_experts(self.pool, flat, routing, act, first_group=group_of_slot(0))  # task experts

@@ -30,6 +30,7 @@ the dense FFN that the ``experts`` bank kind upcycles. (The bank calls a task's 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -663,12 +664,15 @@ class ExpertPool(nn.Module):
         """
         B = sample_group.shape[0]
         if x.dim() != 2 or x.shape[-1] != self.d_model or x.shape[0] % max(B, 1):
-            raise ValueError(f"route_own expects [B * T, {self.d_model}] tokens for B={B} samples, got {tuple(x.shape)}")
+            raise ValueError(
+                f"route_own expects [B * T, {self.d_model}] tokens for B={B} samples, got {tuple(x.shape)}"
+            )
         T = x.shape[0] // B
         first, own = among.groups[0], among.groups[1:]
         S, n = self.groups[first].n, self.groups[own[0]].n
         if any(self.groups[g].n != n for g in own):
-            raise ValueError(f"route_own needs groups of equal size after the first; got {[self.groups[g].n for g in own]}")
+            sizes = [self.groups[g].n for g in own]
+            raise ValueError(f"route_own needs groups of equal size after the first; got {sizes}")
         if self.router_bias:
             x = F.pad(x, (0, 1), value=1.0)
         h = self.gate(x) if self.gate is not None else x  # [N, router_dim]
@@ -786,9 +790,10 @@ def expand_sample_mask(expert_mask: Optional[torch.Tensor], leading: Tuple[int, 
 
 # ---------------------------------------------------------------------------------------------------- FFN dispatch
 # Tensors a mixed batch's expert weights are gathered into, kept between forwards per (device, dtype, inference
-# mode): on a CPU a fresh tensor of that size costs more in page faults than the copy itself (on CUDA the caching
-# allocator would keep the block anyway). Used without autograd only; :func:`release_gather_buffers` frees them.
-_GATHER_BUFFERS: Dict[Tuple[torch.device, torch.dtype, bool], torch.Tensor] = {}
+# mode, thread): on a CPU a fresh tensor of that size costs more in page faults than the copy itself (on CUDA the
+# caching allocator would keep the block anyway). Used without autograd only; :func:`release_gather_buffers` frees
+# them. Per thread, so that two threads serving mixed batches never write into one buffer.
+_GATHER_BUFFERS: Dict[Tuple[torch.device, torch.dtype, bool, int], torch.Tensor] = {}
 
 
 def release_gather_buffers() -> None:
@@ -797,7 +802,7 @@ def release_gather_buffers() -> None:
 
 
 def _gather_buffer(numel: int, like: torch.Tensor) -> torch.Tensor:
-    key = (like.device, like.dtype, torch.is_inference_mode_enabled())
+    key = (like.device, like.dtype, torch.is_inference_mode_enabled(), threading.get_ident())
     buf = _GATHER_BUFFERS.get(key)
     if buf is None or buf.numel() < numel:
         _GATHER_BUFFERS.pop(key, None)

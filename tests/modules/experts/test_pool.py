@@ -281,3 +281,23 @@ def test_grouped_dispatch_equals_loop_dispatch_on_cpu(grouped_on_cpu, kind):
         results[backend] = outputs_and_gradients(lambda: layer(x), inputs)
     for got, ref in zip(results["grouped"], results["loop"]):
         torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)
+
+
+def test_gather_buffers_are_kept_per_thread_and_released_on_request():
+    """The batched path's reused buffer: the same one for a thread's later batches, another for another thread (two
+    threads serving mixed batches never write into one), and freed by release_gather_buffers."""
+    import threading
+
+    from continual.modules.experts import release_gather_buffers
+
+    release_gather_buffers()
+    like = torch.zeros(1)
+    first = pool_module._gather_buffer(64, like)
+    assert pool_module._gather_buffer(32, like).data_ptr() == first.data_ptr(), "reused, not reallocated"
+    other = {}
+    thread = threading.Thread(target=lambda: other.update(ptr=pool_module._gather_buffer(64, like).data_ptr()))
+    thread.start()
+    thread.join()
+    assert other["ptr"] != first.data_ptr()
+    release_gather_buffers()
+    assert not pool_module._GATHER_BUFFERS
