@@ -290,12 +290,8 @@ class ExpertsDelta(nn.Module):
         """Whether a task-conditioned batch is routed per sample (:meth:`ExpertPool.route_own`: each token scores the
         shared experts and its own task's only): when it mixes at least two tasks whose groups all hold ``n`` experts
         (none pruned). Otherwise :meth:`ExpertPool.route_among` masks the batch's columns (the same routing)."""
-        task_groups = among.groups[1:]
-        return (
-            len(task_groups) >= 2
-            and among.groups[0] == SHARED_GROUP
-            and all(self.pool.groups[g].n == self.n for g in task_groups)
-        )
+        task_groups = among.groups[1:]  # after the shared group
+        return len(task_groups) >= 2 and all(self.pool.groups[g].n == self.n for g in task_groups)
 
     def _own_experts(
         self, x: torch.Tensor, among: GroupColumns, sample_group: torch.Tensor, routing: RouterOutput, act

@@ -831,7 +831,7 @@ def chunk_plan(sample_group: torch.Tensor, n_groups: int, tokens: int) -> ChunkP
     (the experts then multiply zero rows) and copies its group's weights once (:data:`COPY_COST` multiply-adds per
     element against ``tokens`` per sample). A batch with as many samples of every task gets one chunk per task and no
     padding. One device-to-host copy (the counts)."""
-    counts = torch.bincount(sample_group, minlength=n_groups).tolist()
+    order, counts = sort_by_expert(sample_group[:, None], n_groups)  # samples by group, and each group's count
     used = [g for g, c in enumerate(counts) if c]
     largest = max(counts[g] for g in used)
     best: Optional[Tuple[int, int]] = None
@@ -851,7 +851,6 @@ def chunk_plan(sample_group: torch.Tensor, n_groups: int, tokens: int) -> ChunkP
         first_row[g] = row
         row += m * size
     device = sample_group.device
-    order = torch.argsort(sample_group, stable=True)
     starts = torch.tensor(list(accumulate([0] + counts[:-1])), dtype=torch.long, device=device)
     rank = torch.empty_like(order)
     rank[order] = torch.arange(order.shape[0], device=device) - starts[sample_group[order]]
@@ -904,8 +903,8 @@ def own_group_experts(
         w_out = torch.stack(w_out, out=buf[V * size_in:].view(V, *w_out[0].shape))
     rows = V * plan.size
     padded = x.new_zeros(rows, T, d).index_copy(0, plan.position, x).view(V, plan.size * T, d)
-    gate = gates.to(x.dtype).new_zeros(rows, T, n).index_copy(0, plan.position, gates.to(x.dtype))
-    gate = gate.view(V, plan.size * T, n)
+    gates = gates.to(x.dtype)
+    gate = gates.new_zeros(rows, T, n).index_copy(0, plan.position, gates).view(V, plan.size * T, n)
     y: Optional[torch.Tensor] = None
     for j in range(n):
         hidden = act(torch.bmm(padded, w_in[:, j])) * gate[..., j : j + 1]
